@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, UserError
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, UserError
 
 __all__ = ["app", "main"]
 
@@ -136,6 +136,60 @@ AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on C
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table.")]
 
 
+# -- check options (shared by `check` and `measure --baseline`) -----------------------------------------------------
+class Direction(str, Enum):
+    """Which change fails a check (the names of ``check.DIRECTIONS``)."""
+
+    both = "both"
+    up = "up"
+    down = "down"
+
+
+AtolOpt = Annotated[float, typer.Option("--atol", min=0.0, help="Absolute tolerance on current - baseline.")]
+RtolOpt = Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance, times |baseline|.")]
+SigmaOpt = Annotated[
+    float,
+    typer.Option(
+        "--sigma",
+        min=0.0,
+        help="Also allow K times the combined standard error sqrt(se_b^2 + se_c^2) of the two means (se = std/√n).",
+    ),
+]
+DirectionOpt = Annotated[
+    Direction,
+    typer.Option(
+        "--direction",
+        help="both: any change beyond the band fails; up: only more over-smoothing (e.g. token_cosine rose, "
+        "attention_std fell); down: only less.",
+    ),
+]
+CheckMetricOpt = Annotated[
+    list[str] | None,
+    typer.Option("--metric", help="Metric to check, repeatable (default: every metric; both runs must have them)."),
+]
+LayersOpt = Annotated[
+    str | None, typer.Option("--layers", metavar="SPEC", help="Check only these layers, e.g. 0-5,12 (default: all).")
+]
+ReportOpt = Annotated[
+    Path | None, typer.Option("--report", help="Write a Markdown summary of the check (for a pull-request comment).")
+]
+JunitOpt = Annotated[
+    Path | None, typer.Option("--junit", help="Write JUnit XML, one testcase per metric and layer (for CI).")
+]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option("--plot", help="Write a PNG of baseline and current curves, tolerance band and failing layers."),
+]
+BaselineOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--baseline",
+        help="After measuring, check the run against this baseline (run folder or layers.csv): exit 1 on a "
+        "regression. Writes check.md, junit.xml and check.png into --out unless --report/--junit/--plot say where.",
+    ),
+]
+
+
 def _is_main() -> bool:
     """Rank 0, or the only process (torch is imported only when a process group may exist)."""
     if "torch.distributed" not in sys.modules:
@@ -181,8 +235,39 @@ def default_out(model: str, root: str = "oversmooth-runs") -> Path:
     return Path(root) / f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def _current_context() -> Any:
+    """The active click context (Typer >= 0.20 vendors its own click; older versions use click itself)."""
+    import importlib
+
+    for module in ("typer._click.globals", "click.globals"):
+        try:
+            ctx = importlib.import_module(module).get_current_context(silent=True)
+        except ImportError:
+            continue
+        if ctx is not None:
+            return ctx
+    return None
+
+
 def command_line() -> str:
-    return shlex.join(["oversmooth", *sys.argv[1:]])
+    """The running command, rebuilt from its parsed parameters (reproducible, whatever invoked it)."""
+    ctx = _current_context()
+    if ctx is None:
+        return shlex.join(["oversmooth", *sys.argv[1:]])
+    words = ["oversmooth", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        value = value.value if isinstance(value, Enum) else value
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if param.param_type_name == "argument":
+            words += [str(v) for v in values]
+        elif value is not None and value != param.default and not getattr(param, "hidden", False):
+            if getattr(param, "is_flag", False):
+                words += (param.opts if value else param.secondary_opts)[:1]
+            else:
+                for v in values:
+                    words += [param.opts[0], str(v.value if isinstance(v, Enum) else v)]
+    return shlex.join(words)
 
 
 def layer_table(layers, title: str) -> Table:
@@ -242,6 +327,15 @@ def measure_cmd(
     ] = Tap.qk,
     json_out: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout and nothing else.")] = False,
     quiet: QuietOpt = False,
+    baseline: BaselineOpt = None,
+    atol: AtolOpt = 0.02,
+    rtol: RtolOpt = 0.0,
+    sigma: SigmaOpt = 0.0,
+    direction: DirectionOpt = Direction.both,
+    layers: LayersOpt = None,
+    report: ReportOpt = None,
+    junit: JunitOpt = None,
+    plot: PlotOpt = None,
 ) -> None:
     """Measure layer-wise over-smoothing of a timm ViT on images.
 
@@ -258,6 +352,7 @@ def measure_cmd(
 
     out = out or default_out(model)
     check_out_dir(out, overwrite)
+    gate = CheckGate.prepare(baseline, atol, rtol, sigma, direction, None, layers) if baseline else None
     with make_progress(quiet or json_out) as progress:
         result = measure(
             model,
@@ -282,7 +377,13 @@ def measure_cmd(
         return
     write_run(result, out, overwrite=overwrite)
     result.summary["out"] = str(out)
+    if gate is None:
+        finish_measure(result, out, json_out, quiet)
+        return
+    verdict, written = gate.run(out, report or out / "check.md", junit or out / "junit.xml", plot or out / "check.png")
+    result.summary["check"] = verdict.to_dict()
     finish_measure(result, out, json_out, quiet)
+    finish_check(verdict, written, quiet or json_out)
 
 
 def finish_measure(result: Any, out: Path, json_out: bool, quiet: bool) -> None:
@@ -305,6 +406,172 @@ def finish_measure(result: Any, out: Path, json_out: bool, quiet: bool) -> None:
             f"[yellow]Skipped {s['images']['skipped']} unreadable file(s)[/]; see summary.json", highlight=False
         )
     out_console.print(f"Wrote {escape(str(out))}/ (layers.csv, heads.csv, summary.json, curves.png)", highlight=False)
+
+
+# -- check, compare, baseline ----------------------------------------------------------------------------------------
+class CheckGate:
+    """A check whose baseline and settings were validated before the (slow) current run exists."""
+
+    def __init__(self, baseline: Any, tolerance: Any, metrics: list[str] | None, layers: list[int] | None) -> None:
+        self.baseline, self.tolerance, self.metrics, self.layers = baseline, tolerance, metrics, layers
+
+    @classmethod
+    def prepare(
+        cls,
+        baseline: Path,
+        atol: float,
+        rtol: float,
+        sigma: float,
+        direction: Direction,
+        metrics: list[str] | None,
+        layers: str | None,
+    ) -> CheckGate:
+        from .check import Tolerance, load_run, parse_layers
+
+        tolerance = Tolerance(atol=atol, rtol=rtol, sigma=sigma, direction=direction.value)
+        return cls(load_run(baseline), tolerance, metrics, parse_layers(layers) if layers is not None else None)
+
+    def run(self, current: Path, report: Path | None, junit: Path | None, plot: Path | None) -> tuple[Any, list[Path]]:
+        """Check ``current`` and write the requested files; returns the ``CheckResult`` and the paths written."""
+        from .check import check_runs, write_outputs
+
+        result = check_runs(self.baseline, current, self.tolerance, self.metrics, self.layers)
+        return result, write_outputs(result, report=report, junit=junit, plot=plot)
+
+
+def check_table(result: Any) -> Table:
+    """The failing (metric, layer) rows with baseline, current, difference and the allowed band."""
+    from .check import band_text, fmt
+
+    table = Table(title=result.headline(), title_justify="left", title_style="bold red")
+    for name in ("metric", "layer", "baseline", "current", "difference", "allowed"):
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    for _, r in result.failures.iterrows():
+        table.add_row(
+            r["metric"], str(r["layer"]), fmt(r["baseline"]), fmt(r["current"]), fmt(r["diff"], True), band_text(r)
+        )
+    return table
+
+
+def finish_check(result: Any, written: list[Path], quiet: bool) -> None:
+    """Print the verdict (failing rows as a table) and exit 1 on a regression."""
+    if not quiet:
+        for note in result.notes:
+            err_console.print(f"[yellow]Note:[/] {escape(note)}", highlight=False)
+        if result.passed:
+            out_console.print(f"[bold green]{escape(result.headline())}[/] ({result.tolerance.describe()})")
+        else:
+            out_console.print(check_table(result))
+            out_console.print(f"tolerance: {result.tolerance.describe()}", highlight=False)
+        if written:
+            out_console.print(f"Wrote {', '.join(escape(str(p)) for p in written)}", highlight=False)
+    if not result.passed:
+        raise typer.Exit(EXIT_FAILED_CHECK)
+
+
+@command("check")
+def check_cmd(
+    baseline: Annotated[
+        Path,
+        typer.Argument(
+            help="Baseline: a run folder (e.g. made by `oversmooth baseline`) or its layers.csv.", show_default=False
+        ),
+    ],
+    current: Annotated[
+        Path,
+        typer.Argument(
+            help="The run to check: a run folder written by `measure`, or its layers.csv.", show_default=False
+        ),
+    ],
+    atol: AtolOpt = 0.02,
+    rtol: RtolOpt = 0.0,
+    sigma: SigmaOpt = 0.0,
+    direction: DirectionOpt = Direction.both,
+    metric: CheckMetricOpt = None,
+    layers: LayersOpt = None,
+    report: ReportOpt = None,
+    junit: JunitOpt = None,
+    plot: PlotOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code is the verdict.")] = False,
+) -> None:
+    """Fail (exit 1) when a run's over-smoothing curves moved beyond a tolerance from a baseline.
+
+    Per metric and layer, `current - baseline` must lie within `atol + rtol·|baseline| + sigma·√(se_b² + se_c²)`.
+    Exit codes: **0** within tolerance, **1** regression, **2** unusable input (missing files; metrics, layers or
+    metrics_version that differ).
+
+    Example: `oversmooth check ci/baseline runs/new --sigma 2 --report report.md --junit junit.xml`
+    """
+    gate = CheckGate.prepare(baseline, atol, rtol, sigma, direction, metric, layers)
+    finish_check(*gate.run(current, report, junit, plot), quiet)
+
+
+@command("compare")
+def compare_cmd(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run folders (or their layers.csv) to overlay.", show_default=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Figure (PNG); compare.csv goes beside it.")] = Path(
+        "compare.png"
+    ),
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="Legend label, repeatable: one per run, in order.")
+    ] = None,
+    relative_depth: Annotated[
+        bool, typer.Option("--relative-depth", help="Align runs of different depths by layer / L.")
+    ] = False,
+    metric: Annotated[
+        list[str] | None, typer.Option("--metric", help="Metric to show, repeatable (default: all).")
+    ] = None,
+    csv: Annotated[
+        Path | None,
+        typer.Option("--csv", help="Where to write the wide table.", show_default="compare.csv beside --out"),
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Overlay the per-layer curves of several runs: one panel per metric, one line per run.
+
+    Writes the figure and **compare.csv** (one row per metric and layer, or relative depth, one column per run).
+
+    Example: `oversmooth compare runs/before runs/after --label before --label after --out compare.png`
+    """
+    from .compare import compare_runs, write_compare
+
+    result = compare_runs(runs, label, relative_depth, metric)
+    png, table = write_compare(result, out, csv)
+    if quiet:
+        return
+    for note in result.notes:
+        err_console.print(f"[yellow]Note:[/] {escape(note)}", highlight=False)
+    summary = Table(title=f"{len(result.runs)} runs", title_justify="left")
+    for name in ("label", "run", "layers", "images"):
+        summary.add_column(name, justify="right" if name in ("layers", "images") else "left")
+    for run, lab in zip(result.runs, result.labels, strict=True):
+        summary.add_row(escape(lab), escape(str(run.source)), str(run.n_layers), str(run.n_images))
+    out_console.print(summary)
+    out_console.print(f"Wrote {escape(str(png))} and {escape(str(table))}", highlight=False)
+
+
+@command("baseline")
+def baseline_cmd(
+    run: Annotated[
+        Path, typer.Argument(help="Run folder written by `measure` (or its layers.csv).", show_default=False)
+    ],
+    dest: Annotated[Path, typer.Argument(help="Folder to commit, e.g. ci/oversmooth-baseline.", show_default=False)],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the baseline files already in DEST.")] = False,
+) -> None:
+    """Copy the files a baseline needs (layers.csv, summary.json) into a small folder meant to be committed.
+
+    Example: `oversmooth baseline runs/main ci/oversmooth-baseline --overwrite && git add ci/oversmooth-baseline`
+    """
+    from .check import make_baseline
+
+    written = make_baseline(run, dest, overwrite)
+    out_console.print(
+        f"Wrote {', '.join(escape(str(p)) for p in written)}; commit {escape(str(dest))}/ to use it with "
+        "`oversmooth check` or `oversmooth measure --baseline`",
+        highlight=False,
+    )
 
 
 def main() -> None:

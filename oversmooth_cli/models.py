@@ -136,9 +136,8 @@ def unwrap_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], str | None]:
         )
     clean = {}
     for k, v in obj.items():
-        for prefix in STRIP_PREFIXES:
-            while k.startswith(prefix):
-                k = k[len(prefix) :]
+        while prefix := next((p for p in STRIP_PREFIXES if k.startswith(p)), None):
+            k = k[len(prefix) :]
         clean[k] = v
     return clean, source
 

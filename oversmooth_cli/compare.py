@@ -1,0 +1,176 @@
+"""``compare``: overlay the per-layer curves of several runs and write them as one wide table.
+
+Runs of models with different depths line up by relative depth (``layer / L``) with ``relative_depth=True``::
+
+    from oversmooth_cli.compare import compare_runs, write_compare
+    result = compare_runs(["runs/before", "runs/after"], labels=["before", "after"])
+    write_compare(result, "compare.png")  # also writes compare.csv beside it
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .check import Run, load_run
+from .errors import UserError
+from .report import METRIC_LABELS, atomic_write, metric_order, save_figure
+
+__all__ = ["CompareResult", "compare_runs", "default_labels", "plot_compare", "wide_table", "write_compare"]
+
+DEPTH_DECIMALS = 6
+"""Relative depths are rounded to this many decimals so that e.g. 1/2 and 2/4 share a row."""
+
+
+@dataclass
+class CompareResult:
+    """Several runs, their labels, and the wide table (one row per metric and layer or relative depth)."""
+
+    runs: list[Run]
+    labels: list[str]
+    relative_depth: bool
+    table: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def x_column(self) -> str:
+        return "relative_depth" if self.relative_depth else "layer"
+
+
+def default_labels(runs: Sequence[Run]) -> list[str]:
+    """Model names from ``summary.json``; runs sharing a name get their folder name added, then a number."""
+    names = [r.name for r in runs]
+    counts = Counter(names)
+    labels = [f"{n} ({r.folder.resolve().name})" if counts[n] > 1 else n for n, r in zip(names, runs, strict=True)]
+    seen: Counter[str] = Counter()
+    counts = Counter(labels)
+    out = []
+    for label in labels:
+        seen[label] += 1
+        out.append(f"{label} #{seen[label]}" if counts[label] > 1 else label)
+    return out
+
+
+def _long(run: Run, label: str, relative_depth: bool, metrics: Sequence[str]) -> pd.DataFrame:
+    d = run.layers[run.layers["metric"].isin(metrics)]
+    x = (d["layer"] / run.n_layers).round(DEPTH_DECIMALS) if relative_depth else d["layer"].astype(int)
+    return pd.DataFrame(
+        {
+            "metric": d["metric"],
+            "x": x,
+            "label": label,
+            "mean": d["mean"].astype(float),
+            "ci95_low": pd.to_numeric(d["ci95_low"], errors="coerce"),
+            "ci95_high": pd.to_numeric(d["ci95_high"], errors="coerce"),
+        }
+    )
+
+
+def wide_table(
+    runs: Sequence[Run], labels: Sequence[str], relative_depth: bool = False, metrics: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """``metric, layer|relative_depth, <label>...``: each run's per-layer mean, empty where a run has no such row."""
+    metrics = metric_order(metrics or {m for r in runs for m in r.metrics})
+    x_col = "relative_depth" if relative_depth else "layer"
+    long = pd.concat([_long(r, lab, relative_depth, metrics) for r, lab in zip(runs, labels, strict=True)])
+    wide = long.pivot(index=["metric", "x"], columns="label", values="mean").reset_index()
+    wide = wide.reindex(columns=["metric", "x", *labels])
+    wide["order"] = wide["metric"].map({m: i for i, m in enumerate(metrics)})
+    wide = wide.sort_values(["order", "x"]).drop(columns="order").rename(columns={"x": x_col})
+    wide.columns.name = None
+    return wide.reset_index(drop=True)
+
+
+def compare_runs(
+    sources: Sequence[str | Path | Run],
+    labels: Sequence[str] | None = None,
+    relative_depth: bool = False,
+    metrics: Sequence[str] | None = None,
+) -> CompareResult:
+    """Load several runs and build their wide table.
+
+    Args:
+        sources: run folders or ``layers.csv`` files (or loaded :class:`~oversmooth_cli.check.Run` objects).
+        labels: one legend label per run (default: :func:`default_labels`).
+        relative_depth: align runs by ``layer / L`` instead of the layer index.
+        metrics: metrics to show (default: every metric any run has).
+
+    Raises:
+        UserError: no runs, a label count that does not match, repeated labels, or an unknown metric.
+    """
+    if not sources:
+        raise UserError("give at least one run folder to compare")
+    runs = [s if isinstance(s, Run) else load_run(s) for s in sources]
+    if labels:
+        if len(labels) != len(runs):
+            raise UserError(f"got {len(labels)} --label for {len(runs)} runs; give one --label per run, in order")
+        repeated = [lab for lab, n in Counter(labels).items() if n > 1]
+        if repeated:
+            raise UserError(f"--label {repeated[0]!r} is given twice; labels name the columns of compare.csv")
+        labels = list(labels)
+    else:
+        labels = default_labels(runs)
+    available = {m for r in runs for m in r.metrics}
+    if metrics:
+        unknown = [m for m in metrics if m not in available]
+        if unknown:
+            raise UserError(f"metric {', '.join(unknown)} is in none of the runs (they have {', '.join(available)})")
+    notes = []
+    versions = {r.metrics_version for r in runs if r.metrics_version is not None}
+    if len(versions) > 1:
+        notes.append(
+            f"runs use different metrics_version ({', '.join(sorted(versions))}); curves may not be comparable"
+        )
+    depths = {r.n_layers for r in runs}
+    if len(depths) > 1 and not relative_depth:
+        notes.append(f"runs have different depths ({', '.join(map(str, sorted(depths)))}); try --relative-depth")
+    table = wide_table(runs, labels, relative_depth, metrics)
+    return CompareResult(runs, labels, relative_depth, table, notes)
+
+
+def plot_compare(result: CompareResult):
+    """One panel per metric, one line (with its 95% band) per run."""
+    import matplotlib.pyplot as plt
+
+    metrics = list(dict.fromkeys(result.table["metric"]))
+    ncols = min(2, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.0 * nrows), squeeze=False)
+    for i, (ax, metric) in enumerate(zip(axes.flat, metrics, strict=False)):
+        for j, (run, label) in enumerate(zip(result.runs, result.labels, strict=True)):
+            d = _long(run, label, result.relative_depth, [metric]).sort_values("x")
+            if d.empty:
+                continue
+            color = f"C{j % 10}"
+            ax.plot(d["x"], d["mean"], marker="o", ms=3.5, lw=1.6, color=color, label=label)
+            ax.fill_between(d["x"], d["ci95_low"], d["ci95_high"], color=color, alpha=0.12, lw=0)
+        ax.set_title(f"({chr(ord('a') + i)}) {METRIC_LABELS.get(metric, metric)}", loc="left", fontsize=11)
+        ax.set_xlabel("relative depth (layer / L)" if result.relative_depth else "layer (0 = block input)")
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.grid(alpha=0.3)
+        if not result.relative_depth:
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8, loc="best")
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"oversmooth compare: {len(result.runs)} runs (shaded: 95% CI over images)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def write_compare(result: CompareResult, out: str | Path, csv: str | Path | None = None) -> tuple[Path, Path]:
+    """Write the figure to ``out`` and the wide table to ``csv`` (default: ``compare.csv`` beside ``out``)."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a PNG file name such as {out / 'compare.png'}")
+    csv_path = Path(csv) if csv is not None else out.parent / "compare.csv"
+    if csv_path.resolve() == out.resolve():
+        raise UserError(f"the figure and the table would both be written to {out}; give --out a .png name")
+    atomic_write(csv_path, lambda p: result.table.to_csv(p, index=False))
+    save_figure(plot_compare(result), out)
+    return out, csv_path

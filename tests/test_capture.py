@@ -1,0 +1,138 @@
+"""Hook-based capture on real timm models against an independent float64 recomputation."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from oversmooth_cli.capture import OversmoothingCapture, UnsupportedModelError, resolve_adapter
+
+from .test_metrics import brute_attention_std, brute_token_cosine
+
+pytestmark = pytest.mark.capture
+
+IMG = 32
+
+
+def reference_states(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Residual stream entering block 1 and leaving every block, computed by calling the modules directly."""
+    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    states = [h]
+    for blk in model.blocks:
+        h = blk(h)
+        states.append(h)
+    return states
+
+
+def reference_attention(block: torch.nn.Module, h: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Unfused float64 softmax attention of one block for patch queries: (B, H, n, T)."""
+    attn = block.attn
+    B, T, C = h.shape
+    y = block.norm1(h)
+    qkv = attn.qkv(y).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    probs = (q.double() @ k.double().transpose(-1, -2) * attn.scale).softmax(-1)
+    return probs[:, :, prefix:]
+
+
+def make(name: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=0, img_size=IMG, **kw).eval()
+
+
+MODELS = {
+    "vit": ("vit_tiny_patch16_224", {"patch_size": 8, "depth": 3, "embed_dim": 32, "num_heads": 2}, 1),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {"patch_size": 8, "depth": 2, "embed_dim": 36}, 2),
+    "registers_no_cls": ("test_vit2", {"patch_size": 8, "depth": 2}, 1),
+    "qk_norm": (
+        "vit_tiny_patch16_224",
+        {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "qk_norm": True},
+        1,
+    ),
+    "deit3": ("deit3_small_patch16_224", {"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}, 1),
+}
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+@pytest.mark.parametrize("tap", ["qk", "softmax"])
+def test_capture_matches_float64_reference(key, tap):
+    name, kw, prefix = MODELS[key]
+    model = make(name, **kw)
+    x = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad():
+        states = reference_states(model, x)
+        with OversmoothingCapture(model, attention_tap=tap) as cap:
+            assert cap.prefix == prefix
+            model.forward_features(x)
+            layers, heads = cap.pop_batch()
+    depth = len(model.blocks)
+    assert [info.index for info in cap.layers] == list(range(depth + 1))
+    assert sorted(layers) == sorted(
+        [("token_cosine", l) for l in range(depth + 1)] + [("attention_std", l) for l in range(1, depth + 1)]
+    )
+    for l, h in enumerate(states):
+        want = brute_token_cosine(h[:, prefix:])
+        torch.testing.assert_close(layers[("token_cosine", l)].double(), want, atol=1e-5, rtol=0)
+    for l in range(1, depth + 1):
+        want_heads = brute_attention_std(reference_attention(model.blocks[l - 1], states[l - 1], prefix))
+        torch.testing.assert_close(heads[("attention_std", l)].double(), want_heads, atol=1e-5, rtol=0)
+        torch.testing.assert_close(layers[("attention_std", l)].double(), want_heads.mean(-1), atol=1e-5, rtol=0)
+
+
+def test_qk_tap_equals_unfused_softmax_and_keeps_fused_attention():
+    model = make("vit_tiny_patch16_224", patch_size=4, depth=2, embed_dim=32, num_heads=2)
+    for blk in model.blocks:
+        blk.attn.fused_attn = True
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        with OversmoothingCapture(model, attention_tap="qk", max_elements=100) as cap:
+            assert all(blk.attn.fused_attn for blk in model.blocks)
+            model.forward_features(x)
+            qk = cap.pop_batch()
+        with OversmoothingCapture(model, attention_tap="softmax") as cap:
+            assert not any(blk.attn.fused_attn for blk in model.blocks)
+            model.forward_features(x)
+            sm = cap.pop_batch()
+    assert all(blk.attn.fused_attn for blk in model.blocks), "softmax tap must restore fused_attn"
+    for a, b in zip(qk, sm, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
+def test_hooks_are_removed_and_model_output_unchanged():
+    model = make("vit_tiny_patch16_224", patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        before = model.forward_features(x)
+        with OversmoothingCapture(model) as cap:
+            during = model.forward_features(x)
+            cap.pop_batch()
+        after = model.forward_features(x)
+    torch.testing.assert_close(during, before)
+    torch.testing.assert_close(after, before)
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_pop_batch_clears_and_values_are_on_cpu():
+    model = make("vit_tiny_patch16_224", patch_size=8, depth=1, embed_dim=32, num_heads=2)
+    with torch.no_grad(), OversmoothingCapture(model) as cap:
+        model.forward_features(torch.randn(2, 3, IMG, IMG))
+        layers, heads = cap.pop_batch()
+        assert cap.pop_batch() == ({}, {})
+    assert all(v.device.type == "cpu" and v.shape == (2,) for v in layers.values())
+    assert all(v.shape == (2, 2) for v in heads.values())
+
+
+def test_unsupported_family_names_itself():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    with pytest.raises(UnsupportedModelError, match=r"family 'resnet'.*supported families: .*vision_transformer"):
+        resolve_adapter(model)
+
+
+def test_bad_tap_is_refused():
+    model = make("vit_tiny_patch16_224", patch_size=8, depth=1, embed_dim=32, num_heads=2)
+    with pytest.raises(ValueError, match="attention_tap"):
+        OversmoothingCapture(model, attention_tap="nope")
