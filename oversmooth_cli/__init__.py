@@ -17,10 +17,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ADAPTERS": "capture",
+    "ADAPTERS": "adapters",
     "OversmoothingCapture": "capture",
-    "register_adapter": "capture",
-    "resolve_adapter": "capture",
+    "register_adapter": "adapters",
+    "resolve_adapter": "adapters",
     "UserError": "errors",
     "MeasureResult": "measure",
     "measure": "measure",

@@ -28,7 +28,7 @@ def reference_states(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tens
 def reference_attention(block: torch.nn.Module, h: torch.Tensor, prefix: int) -> torch.Tensor:
     """Unfused float64 softmax attention of one block for patch queries: (B, H, n, T)."""
     attn = block.attn
-    B, T, C = h.shape
+    B, T, _ = h.shape
     y = block.norm1(h)
     qkv = attn.qkv(y).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
