@@ -10,7 +10,7 @@ The result is written in the timm / Hugging Face hub layout (``model.safetensors
 loaded with ``timm.create_model('local-dir:examples/digits-vit')``.
 
 Example:
-    python3 examples/train_digits_vit.py --epochs 60 --out examples/digits-vit
+    python3 examples/train_digits_vit.py --out examples/digits-vit
 """
 
 from __future__ import annotations
@@ -228,12 +228,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="ImageFolder root with train/ val/")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (hub layout)")
-    parser.add_argument("--epochs", type=int, default=60, help="number of training epochs")
+    parser.add_argument("--epochs", type=int, default=40, help="number of training epochs")
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--min-lr", type=float, default=1e-5, help="final learning rate of the cosine schedule")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    parser.add_argument("--warmup-epochs", type=int, default=5, help="linear warmup epochs")
+    parser.add_argument("--warmup-epochs", type=int, default=3, help="linear warmup epochs")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")

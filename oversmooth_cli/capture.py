@@ -6,14 +6,33 @@ the model's device while the batch runs and moved to the CPU once per batch (:me
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import ATTENTION_TAPS, FamilyAdapter, UnsupportedModelError, model_family, resolve_adapter
-from .metrics import ATTENTION_METRICS, TOKEN_METRICS, iter_attention_probs
+from .adapters import (
+    ATTENTION_TAPS,
+    BlockSpec,
+    FamilyAdapter,
+    UnsupportedModelError,
+    model_family,
+    resolve_adapter,
+)
+from .metrics import (
+    ATTENTION_METRICS,
+    TOKEN_METRICS,
+    MetricDef,
+    infer_grid,
+    iter_attention_probs,
+    pairwise_distances,
+    patch_positions,
+)
 
 __all__ = [
     "LayerInfo",
@@ -26,17 +45,78 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One measured layer: ``index`` as written to the tables (0 = input of the first block)."""
+    """One measured layer: ``index`` as written to the tables (0 = input of the first block).
+
+    Attributes:
+        index: layer number; layer ``l >= 1`` is the output of the ``l``-th block in execution order across stages.
+        name: module path of the block (``layers.1.blocks.0``), ``input`` for layer 0.
+        has_attention: attention metrics are measured at this layer (the block has token attention).
+        stage: stage of the block (0 for single-stage models); a new stage starts after a downsampling step, or
+            with a new kind of block (CaiT / XCiT class attention).
+        n_tokens: patch tokens at this layer (prefix tokens excluded), known after the first forward pass.
+        has_tokens: token metrics are measured at this layer (``False`` for blocks that leave the patch tokens
+            unchanged, e.g. CaiT class attention).
+    """
 
     index: int
     name: str
     has_attention: bool
+    stage: int = 0
+    n_tokens: int | None = None
+    has_tokens: bool = True
 
 
 @dataclass
 class _Pending:
     layers: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     heads: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """Where patch tokens sit in the model input: the default patch grid, a patch's stride in pixels, and whether
+    the model accepts other image sizes (``dynamic_img_size``: the grid then follows the token count)."""
+
+    grid: tuple[int, int]
+    stride: tuple[float, float]
+    dynamic: bool = False
+
+
+def patch_geometry(model: nn.Module) -> PatchGeometry | None:
+    """The patch grid of a timm model, read from ``patch_embed`` (``grid_size``, and ``img_size`` or ``patch_size``).
+
+    The stride is ``img_size / grid_size`` (a patch's extent in input pixels, also for hybrid stems) and falls back
+    to ``patch_size``. ``None`` when the model has no such patch embedding.
+    """
+    pe = getattr(model, "patch_embed", None)
+    grid = getattr(pe, "grid_size", None)
+    if grid is None:
+        return None
+    grid = (int(grid[0]), int(grid[1]))
+    img = getattr(pe, "img_size", None)
+    patch = getattr(pe, "patch_size", None)
+    if img is not None:
+        stride = (float(img[0]) / grid[0], float(img[1]) / grid[1])
+    elif patch is not None:
+        stride = (float(patch[0]), float(patch[1]))
+    else:
+        return None
+    return PatchGeometry(grid, stride, bool(getattr(model, "dynamic_img_size", False)))
+
+
+TokenFeed = Callable[["OversmoothingCapture", torch.Tensor, torch.Tensor, "torch.Tensor | None"], "tuple | None"]
+"""``feed(capture, all_tokens, measured_tokens, previous_measured_tokens)`` -> the metric's arguments, or ``None``."""
+
+TOKEN_FEEDS: dict[str, TokenFeed] = {
+    "tokens": lambda cap, x, measured, prev: (measured,),
+    "class_patches": lambda cap, x, measured, prev: (
+        None if cap.cls_index is None else (x[:, cap.cls_index], x[:, cap.prefix :])
+    ),
+    "consecutive": lambda cap, x, measured, prev: (
+        None if prev is None or prev.shape[:-1] != measured.shape[:-1] else (prev, measured)
+    ),
+}
+"""What each token metric's ``inputs`` kind receives (see :class:`~oversmooth_cli.metrics.MetricDef`)."""
 
 
 class OversmoothingCapture:
@@ -53,7 +133,13 @@ class OversmoothingCapture:
         attention_metrics: names from :data:`~oversmooth_cli.metrics.ATTENTION_METRICS`.
         attention_tap: ``qk`` (keeps fused attention) or ``softmax`` (unfused, reads probabilities).
         adapter: override the registered adapter.
-        max_elements: chunk budget for attention probabilities (elements per chunk).
+        max_elements: chunk budget for attention probabilities and ``n x n`` token matrices (elements per chunk).
+        include_prefix: token metrics that allow it measure all tokens, prefix tokens (class, distillation,
+            registers) included, instead of the patch tokens only.
+
+    Metrics that compare consecutive layers keep only the previous layer's tokens (or ``q``/``k``) of the running
+    forward pass; :meth:`pop_batch` drops them. A metric the model cannot give (``cls_patch_cosine`` without a class
+    token, ``attention_distance`` without a patch grid) has no values; :attr:`unavailable` says why.
     """
 
     def __init__(
@@ -64,6 +150,7 @@ class OversmoothingCapture:
         attention_tap: str = "qk",
         adapter: FamilyAdapter | None = None,
         max_elements: int = 1 << 24,
+        include_prefix: bool = False,
     ) -> None:
         if attention_tap not in ATTENTION_TAPS:
             raise ValueError(f"attention_tap must be one of {ATTENTION_TAPS}, got {attention_tap!r}")
@@ -73,66 +160,261 @@ class OversmoothingCapture:
         self.attention_metrics = {n: ATTENTION_METRICS[n] for n in attention_metrics}
         self.attention_tap = attention_tap
         self.max_elements = max_elements
+        self.include_prefix = include_prefix
         self.prefix = self.adapter.num_prefix_tokens(model)
-        self._blocks = self.adapter.blocks(model)
-        if not self._blocks:
-            raise UnsupportedModelError(f"{type(model).__name__} has no blocks to measure")
-        self._attns = [self.adapter.attention(b) for b in self._blocks] if self.attention_metrics else []
-        self.layers = [LayerInfo(0, "input", False)] + [
-            LayerInfo(i + 1, f"{self.adapter.blocks_attr}.{i}", bool(self.attention_metrics))
-            for i in range(len(self._blocks))
+        self.cls_index = 0 if self.prefix > 0 and getattr(model, "cls_token", None) is not None else None
+        self.geometry = patch_geometry(model)
+        self.unavailable: dict[str, str] = {}
+        if "cls_patch_cosine" in self.token_metrics and self.cls_index is None:
+            self.unavailable["cls_patch_cosine"] = f"{type(model).__name__} has no class token"
+        self._keep_tokens = any(m.inputs == "consecutive" for m in self.token_metrics.values())
+        self._keep_attention = any(m.inputs == "consecutive" for m in self.attention_metrics.values())
+        self._prev_tokens: tuple[int, torch.Tensor] | None = None
+        self._prev_attention: tuple | None = None
+        self._positions: dict[tuple, torch.Tensor] = {}
+        self._specs = self.adapter.block_specs(model)
+        self._blocks = [s.module for s in self._specs]
+        first = self._specs[0]
+        attends = bool(self.attention_metrics)
+        self._layer_base = [LayerInfo(0, "input", False, first.stage, has_tokens=first.group.tokens)] + [
+            LayerInfo(i, s.name, attends and s.attention is not None, s.stage, has_tokens=s.group.tokens)
+            for i, s in enumerate(self._specs, start=1)
         ]
+        self._n_tokens: dict[int, int] = {}
+        self._images = 0
         self._handles: list = []
         self._undo: list[Callable[[], None]] = []
         self._pending = _Pending()
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def _on_tokens(self, layer: int, tokens: torch.Tensor) -> None:
-        patches = tokens[:, self.prefix :].detach()
+        """Token metrics of one layer's ``(B, T, d)`` tokens, kept for consecutive-layer metrics at ``layer + 1``."""
+        x = tokens.detach()
+        measured = x if self.include_prefix else x[:, self.prefix :]
+        prev = self._prev_tokens[1] if self._prev_tokens is not None and self._prev_tokens[0] == layer - 1 else None
+        self._prev_tokens = (layer, measured) if self._keep_tokens else None
+        extras = {"max_elements": self.max_elements}
         for name, m in self.token_metrics.items():
-            self._pending.layers[(name, layer)] = m.fn(patches)
+            args = TOKEN_FEEDS[m.inputs](self, x, measured, prev)
+            if args is not None:
+                self._pending.layers[(name, layer)] = m.fn(*args, **{k: extras[k] for k in m.needs})
 
-    def _reduce_rows(self, layer: int, chunks) -> None:
+    def _token_positions(self, n_tokens: int, device: torch.device) -> torch.Tensor | None:
+        """``(T, 2)`` pixel positions of the tokens (prefix rows ``NaN``) from the model's patch grid, cached.
+
+        ``None`` when the tokens are not the model's whole patch grid (e.g. attention windows, later stages), unless
+        the model takes dynamic image sizes; such attention must pass its ``positions`` to :meth:`_on_qk`.
+        """
+        g = self.geometry
+        n_patches = n_tokens - self.prefix
+        if g is None or n_patches < 1 or (n_patches != g.grid[0] * g.grid[1] and not g.dynamic):
+            return None
+        key = (n_tokens, self.prefix, g, str(device))
+        if key not in self._positions:
+            self._positions[key] = patch_positions(infer_grid(n_patches, g.grid), g.stride, self.prefix, device)
+        return self._positions[key]
+
+    def _row_extras(self, m: MetricDef, positions: torch.Tensor | None, start: int, probs: torch.Tensor) -> dict:
+        """Keyword inputs of a row metric for the query chunk starting at token ``start``; ``{}`` if unavailable."""
+        if "distances" not in m.needs:
+            return {}
+        if positions is None or positions.shape[-2] != probs.shape[-1]:
+            self.unavailable.setdefault(m.name, "no patch positions for the attention keys of at least one layer")
+            return {}
+        d = pairwise_distances(positions[..., start : start + probs.shape[-2], :], positions)
+        return {"distances": d.unsqueeze(-3) if d.dim() == 3 else d}
+
+    def _reduce_rows(
+        self,
+        layer: int,
+        chunks: Iterable[torch.Tensor],
+        prev_chunks: Iterable[torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
+        query_start: int | None = None,
+    ) -> None:
+        """Average per-row metrics over the query chunks of one layer, per head; add consecutive-layer sums.
+
+        Args:
+            layer: layer index.
+            chunks: ``(B, H, c, S)`` probability rows of consecutive query chunks.
+            prev_chunks: the same chunks of layer ``layer - 1`` (for ``consecutive`` metrics), or ``None``.
+            positions: ``(S, 2)`` or ``(B, S, 2)`` token positions in input pixels (``NaN``: no position).
+            query_start: token index of the first row of the first chunk (default: the prefix length).
+        """
+        start = self.prefix if query_start is None else query_start
+        row_metrics = {n: m for n, m in self.attention_metrics.items() if m.inputs == "rows"}
+        pair_metrics = {n: m for n, m in self.attention_metrics.items() if m.inputs == "consecutive"}
         sums: dict[str, torch.Tensor] = {}
+        pair_sums: dict[str, tuple[torch.Tensor, ...]] = {}
         rows = 0
-        for probs in chunks:
+        pairs = prev_chunks if prev_chunks is not None else itertools.repeat(None)
+        for probs, prev in zip(chunks, pairs, strict=False):  # pairs may be an endless repeat(None)
+            for name, m in row_metrics.items():
+                extras = self._row_extras(m, positions, start + rows, probs)
+                if all(k in extras for k in m.needs):
+                    part = m.fn(probs, **extras).sum(dim=-1)  # (B, H)
+                    sums[name] = sums[name] + part if name in sums else part
+            for name, m in pair_metrics.items() if prev is not None else ():
+                part = m.fn(prev, probs)
+                pair_sums[name] = tuple(map(torch.add, pair_sums[name], part)) if name in pair_sums else part
             rows += probs.shape[-2]
-            for name, m in self.attention_metrics.items():
-                part = m.fn(probs).sum(dim=-1)  # (B, H)
-                sums[name] = part if name not in sums else sums[name] + part
-        for name, total in sums.items():
-            per_head = total / rows
-            self._pending.heads[(name, layer)] = per_head
-            self._pending.layers[(name, layer)] = per_head.mean(dim=-1)
+        per_head = {name: total / rows for name, total in sums.items()}
+        per_head.update({name: self.attention_metrics[name].finish(*total) for name, total in pair_sums.items()})
+        for name, values in per_head.items():
+            self._pending.heads[(name, layer)] = values
+            self._pending.layers[(name, layer)] = values.mean(dim=-1)
 
-    def _on_qk(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+    def _previous(self, layer: int, kind: str, shape: torch.Size) -> tuple | None:
+        """The kept attention inputs of ``layer - 1`` when they have the same shape as this layer's, else ``None``."""
+        prev = self._prev_attention
+        if prev is None or prev[0] != layer - 1 or prev[1] != kind or prev[2].shape != shape:
+            return None
+        return prev
+
+    def _on_qk(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        scale: float,
+        bias: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> None:
+        """Attention metrics from ``q``, ``k`` ``(B, H, T, dh)`` in query chunks (probabilities never held whole).
+
+        Args:
+            layer: layer index.
+            q, k: queries and keys as the model uses them.
+            scale: logit scale.
+            bias: additive logit bias broadcastable to ``(B, H, T, T)`` (relative position bias), if any.
+            positions: ``(T, 2)`` or ``(B, T, 2)`` token positions in input pixels, ``NaN`` for tokens without one
+                (e.g. windows of a windowed model); default: the model's patch grid, prefix tokens ``NaN``.
+        """
         with torch.no_grad():
-            chunks = iter_attention_probs(
-                q.detach(), k.detach(), scale, query_start=self.prefix, max_elements=self.max_elements
+            q, k = q.detach(), k.detach()
+            bias = None if bias is None else bias.detach()
+            if positions is None:
+                positions = self._token_positions(q.shape[-2], q.device)
+            chunk = lambda q_, k_, s_, b_: iter_attention_probs(  # noqa: E731
+                q_, k_, s_, query_start=self.prefix, bias=b_, max_elements=self.max_elements
             )
-            self._reduce_rows(layer, chunks)
+            prev = self._previous(layer, "qk", q.shape) if self._keep_attention else None
+            prev_chunks = None
+            if prev is not None and prev[3].shape == k.shape:
+                prev_chunks = chunk(prev[2], prev[3], prev[4], prev[5])
+            self._prev_attention = (layer, "qk", q, k, scale, bias) if self._keep_attention else None
+            self._reduce_rows(layer, chunk(q, k, scale, bias), prev_chunks, positions)
 
-    def _on_probs(self, layer: int, probs: torch.Tensor) -> None:
+    def _on_probs(self, layer: int, probs: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Attention metrics from softmax probabilities ``(B, H, T, S)`` read from an unfused model."""
         with torch.no_grad():
-            self._reduce_rows(layer, [probs.detach().float()[:, :, self.prefix :]])
+            rows = probs.detach().float()[:, :, self.prefix :]
+            if positions is None:
+                positions = self._token_positions(probs.shape[-1], probs.device)
+            prev = self._previous(layer, "probs", rows.shape) if self._keep_attention else None
+            self._prev_attention = (layer, "probs", rows) if self._keep_attention else None
+            self._reduce_rows(layer, [rows], None if prev is None else [prev[2]], positions)
 
     # -- context -----------------------------------------------------------------------------------------------
-    def __enter__(self) -> OversmoothingCapture:
+    @property
+    def layers(self) -> list[LayerInfo]:
+        """Every measured layer; ``n_tokens`` is filled once a forward pass has run (layers without token metrics
+        report the patch tokens they attend over: those of the last layer before them)."""
+        out, n = [], None
+        for info in self._layer_base:
+            n = self._n_tokens.get(info.index, n)
+            out.append(dataclasses.replace(info, n_tokens=n))
+        return out
+
+    @contextlib.contextmanager
+    def _layer_scope(self, prefix: int, geometry: PatchGeometry | None) -> Iterator[None]:
+        """Inside one hook call: :attr:`prefix`, :attr:`cls_index` and :attr:`geometry` describe the layer measured
+        (a stage of a hierarchical model, a class-attention block); restored to the model's values afterwards."""
+        saved = self.prefix, self.cls_index, self.geometry
+        self.prefix, self.geometry = prefix, geometry
+        self.cls_index = 0 if prefix > 0 and getattr(self.model, "cls_token", None) is not None else None
         try:
-            first = self._blocks[0]
-            self._handles.append(first.register_forward_pre_hook(lambda _m, args: self._on_tokens(0, args[0])))
-            for i, block in enumerate(self._blocks):
-                self._handles.append(
-                    block.register_forward_hook(lambda _m, _a, out, layer=i + 1: self._on_tokens(layer, out))
+            yield
+        finally:
+            self.prefix, self.cls_index, self.geometry = saved
+
+    def _tokens_hook(self, layer: int, spec: BlockSpec, value: Any) -> None:
+        """Token metrics of a block's output (layer 0: the first block's input), as ``(B, N, C)``; sequences folded
+        into the batch (MobileViT's per-pixel-position sequences) are put back together, one row per image."""
+        tokens = self.adapter.tokens(value, spec)
+        if layer == 0 and self.adapter.images_from is None:
+            self._images = tokens.shape[0]
+        if self._images and tokens.shape[0] != self._images:
+            if spec.prefix or tokens.shape[0] % self._images:
+                raise UnsupportedModelError(
+                    f"{spec.name} gives {tokens.shape[0]} token sequences for {self._images} images; adapter "
+                    f"{self.adapter.name} cannot put them back together per image"
                 )
-            for i, attn in enumerate(self._attns):
-                if self.attention_tap == "qk":
-                    cb = lambda q, k, s, layer=i + 1: self._on_qk(layer, q, k, s)  # noqa: E731
-                    self._handles.extend(self.adapter.tap_qk(attn, cb))
-                else:
-                    handles, undo = self.adapter.tap_softmax(attn, lambda p, layer=i + 1: self._on_probs(layer, p))
-                    self._handles.extend(handles)
-                    self._undo.append(undo)
+            tokens = tokens.reshape(self._images, -1, tokens.shape[-1])
+        n = self._n_tokens[layer] = tokens.shape[1] - spec.prefix
+        if n < 2:  # e.g. the last stage of a hierarchical model on a tiny image: no pair of tokens to compare
+            for name in self.token_metrics:
+                self.unavailable.setdefault(name, f"layer {layer} ({spec.name}) has {n} patch token(s)")
+            return
+        with self._layer_scope(spec.prefix, self._model_geometry):
+            self._on_tokens(layer, tokens)
+
+    def _attention_hook(
+        self, layer: int, spec: BlockSpec, keys: int, on: Callable, x: torch.Tensor, *args: Any
+    ) -> None:
+        """Call ``on(layer, x, *args)`` (:meth:`_on_qk` or :meth:`_on_probs`) for ``(B * windows, H, T, .)`` input;
+        per-window values are averaged into one per image (every window has the same number of query rows)."""
+        if not spec.group.tokens:
+            self._n_tokens[layer] = keys - spec.prefix
+        if keys < 2:  # e.g. MobileViT's last stage on a tiny image: one patch per sequence, nothing to spread over
+            for name in self.attention_metrics:
+                self.unavailable.setdefault(name, f"layer {layer} ({spec.name}) attends over {keys} key(s)")
+            return
+        windows, rest = divmod(x.shape[0], self._images or x.shape[0])
+        if rest:
+            raise UnsupportedModelError(
+                f"{spec.name} attends in {x.shape[0]} batch rows for {self._images} images; adapter "
+                f"{self.adapter.name} cannot tell its windows apart"
+            )
+        on_grid = self.adapter.patch_grid and windows == 1
+        with self._layer_scope(spec.query_prefix, self._model_geometry if on_grid else None):
+            on(layer, x, *args)
+        if windows > 1:
+            for store in (self._pending.layers, self._pending.heads):
+                for key in [k for k in store if k[1] == layer and k[0] in self.attention_metrics]:
+                    store[key] = store[key].unflatten(0, (-1, windows)).mean(dim=1)
+
+    def __enter__(self) -> OversmoothingCapture:
+        self._model_geometry = self.geometry
+        try:
+            for module in self.adapter.image_modules(self.model):
+                self._handles.append(
+                    module.register_forward_pre_hook(lambda _m, args: setattr(self, "_images", len(args[0])))
+                )
+            first = self._specs[0]
+            self._handles.append(
+                first.module.register_forward_pre_hook(lambda _m, args: self._tokens_hook(0, first, args))
+            )
+            for i, spec in enumerate(self._specs, start=1):
+                if spec.group.tokens:
+                    self._handles.append(
+                        spec.module.register_forward_hook(
+                            lambda _m, _a, out, layer=i, spec=spec: self._tokens_hook(layer, spec, out)
+                        )
+                    )
+                if spec.attention is None or not self.attention_metrics:
+                    continue
+                handles, undo = spec.tap.install(
+                    spec.attention,
+                    self.attention_tap,
+                    lambda q, k, scale, bias, layer=i, spec=spec: self._attention_hook(
+                        layer, spec, k.shape[-2], lambda *a: self._on_qk(*a, bias=bias), q, k, scale
+                    ),
+                    lambda p, layer=i, spec=spec: self._attention_hook(layer, spec, p.shape[-1], self._on_probs, p),
+                    spec.group.heads_dim,
+                )
+                self._handles.extend(handles)
+                self._undo.append(undo)
         except BaseException:
             self.close()
             raise
@@ -150,6 +432,7 @@ class OversmoothingCapture:
         self._handles.clear()
         self._undo.clear()
         self._pending = _Pending()
+        self._prev_tokens = self._prev_attention = None
 
     def pop_batch(self) -> tuple[dict[tuple[str, int], torch.Tensor], dict[tuple[str, int], torch.Tensor]]:
         """Per-image values of the last forward pass, on the CPU (one device-to-host copy), then cleared.
@@ -158,6 +441,7 @@ class OversmoothingCapture:
             ``({(metric, layer): (B,)}, {(metric, layer): (B, H)})``.
         """
         pending, self._pending = self._pending, _Pending()
+        self._prev_tokens = self._prev_attention = None
         keys = list(pending.layers) + list(pending.heads)
         tensors = list(pending.layers.values()) + list(pending.heads.values())
         if not tensors:

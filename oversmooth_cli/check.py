@@ -32,7 +32,7 @@ import pandas as pd
 
 from .errors import UserError
 from .metrics import ATTENTION_METRICS, TOKEN_METRICS
-from .report import METRIC_LABELS, atomic_write, metric_order, read_layers, save_figure
+from .report import METRIC_LABELS, atomic_write, default_mode, metric_order, read_layers, save_figure
 
 __all__ = [
     "CHECK_COLUMNS",
@@ -206,7 +206,8 @@ def validate_comparable(
 
     Args:
         baseline, current: the two runs.
-        metrics: metrics to check (default: all, which must then be the same in both runs).
+        metrics: metrics to check (default: every metric of the baseline, which the current run must all have;
+            metrics only the current run has are listed in the notes as not checked).
         layers: restrict to these layers; each must exist in the runs for at least one selected metric.
 
     Returns:
@@ -225,7 +226,10 @@ def validate_comparable(
             )
     else:
         missing = [name for name, v in (("baseline", vb), ("current", vc)) if v is None]
-        notes.append(f"metrics_version not compared: {' and '.join(missing)} has no summary.json with metrics_version")
+        verb = "has" if len(missing) == 1 else "have"
+        notes.append(
+            f"metrics_version not compared: {' and '.join(missing)} {verb} no summary.json with metrics_version"
+        )
 
     if metrics:
         selected = metric_order(metrics)
@@ -237,16 +241,18 @@ def validate_comparable(
                 )
     else:
         selected = baseline.metrics
-        if set(baseline.metrics) != set(current.metrics):
-            only_b = [m for m in baseline.metrics if m not in current.metrics]
-            only_c = [m for m in current.metrics if m not in baseline.metrics]
+        only_b = [m for m in baseline.metrics if m not in current.metrics]
+        only_c = [m for m in current.metrics if m not in baseline.metrics]
+        if only_b:
             what = "; ".join(
                 f"only {side} has {', '.join(ms)}" for side, ms in (("baseline", only_b), ("current", only_c)) if ms
             )
             raise UserError(
-                f"metrics differ: baseline has {', '.join(baseline.metrics) or 'none'}, current has "
+                f"metrics differ: baseline has {', '.join(baseline.metrics)}, current has "
                 f"{', '.join(current.metrics) or 'none'} ({what}); pass --metric NAME to check only common ones"
             )
+        if only_c:
+            notes.append(f"not checked: {', '.join(only_c)} (only in the current run, not in the baseline)")
 
     differ = [
         (m, baseline.layers_of(m), current.layers_of(m))
@@ -390,7 +396,9 @@ class CheckResult:
         n, k = len(self.rows), len(self.failures)
         if k == 0:
             return f"PASSED: all {n} (metric, layer) pairs within tolerance"
-        where = "; ".join(f"{m} layers {format_layers(ls)}" for m, ls in self.failing_layers().items())
+        where = "; ".join(
+            f"{m} layer{'s' if len(ls) > 1 else ''} {format_layers(ls)}" for m, ls in self.failing_layers().items()
+        )
         return f"FAILED: {k} of {n} (metric, layer) pairs outside tolerance ({where})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -425,7 +433,7 @@ def check_runs(
         baseline: the committed baseline (run folder or ``layers.csv``), or a loaded :class:`Run`.
         current: the run to check, likewise.
         tolerance: the band (default: ``atol=0.02``, both directions).
-        metrics: metrics to check (default: every metric; both runs must then have the same ones).
+        metrics: metrics to check (default: every metric of the baseline; the current run must have them all).
         layers: layers to check, a list or a ``"0-5,12"`` string (default: all).
 
     Returns:
@@ -454,12 +462,12 @@ def fmt(x: float, signed: bool = False) -> str:
 
 
 def band_text(row: pd.Series | dict) -> str:
-    """The accepted difference: ``±a`` (both sides), ``<= +a`` (rises capped) or ``>= -a`` (falls capped)."""
+    """The accepted difference: ``±a`` (both sides), ``≤ +a`` (only rises capped) or ``≥ -a`` (only falls capped)."""
     a = fmt(float(row["allowed"]))
     rise, fall = math.isfinite(row["upper"]), math.isfinite(row["lower"])
     if rise and fall:
         return f"±{a}"
-    return f"<= +{a}" if rise else f">= -{a}"
+    return f"≤ +{a}" if rise else f"≥ -{a}"
 
 
 def _describe_run(run: Run) -> str:
@@ -561,14 +569,19 @@ def write_junit(result: CheckResult, path: str | Path) -> Path:
     return atomic_write(Path(path), lambda p: tree.write(p, encoding="utf-8", xml_declaration=True))
 
 
+def panel_grid(n: int) -> tuple[int, int]:
+    """``(rows, columns)`` of a figure with one panel per metric: two columns up to four panels, then three."""
+    ncols = max(1, min(2 if n <= 4 else 3, n))
+    return math.ceil(max(n, 1) / ncols), ncols
+
+
 def plot_check(result: CheckResult):
     """One panel per metric: baseline and current curves, the accepted band shaded, failing layers marked."""
     import matplotlib.pyplot as plt
 
     metrics = list(dict.fromkeys(result.rows["metric"]))
-    ncols = min(2, len(metrics))
-    nrows = math.ceil(len(metrics) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.0 * nrows), squeeze=False)
+    nrows, ncols = panel_grid(len(metrics))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.0 * nrows), squeeze=False, layout="constrained")
     for i, (ax, metric) in enumerate(zip(axes.flat, metrics, strict=False)):
         d = result.rows[result.rows["metric"] == metric].sort_values("layer")
         x = d["layer"].to_numpy()
@@ -604,7 +617,6 @@ def plot_check(result: CheckResult):
         ax.set_visible(False)
     verdict = "passed" if result.passed else f"{len(result.failures)} of {len(result.rows)} failing"
     fig.suptitle(f"oversmooth check: {verdict} ({result.tolerance.describe()})", fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -651,11 +663,13 @@ def make_baseline(run: str | Path, dest: str | Path, overwrite: bool = False) ->
     dest.mkdir(parents=True, exist_ok=True)
     staged: list[Path] = []
     try:
+        mode = default_mode()
         for s in sources:
             fd, tmp = tempfile.mkstemp(prefix=f".{s.name}.", dir=dest)
             os.close(fd)
             staged.append(Path(tmp))
             Path(tmp).write_bytes(s.read_bytes())
+            os.chmod(tmp, mode)
         for tmp, target in zip(staged, targets, strict=True):
             os.replace(tmp, target)
     finally:

@@ -152,6 +152,7 @@ SigmaOpt = Annotated[
     typer.Option(
         "--sigma",
         min=0.0,
+        metavar="K",
         help="Also allow K times the combined standard error sqrt(se_b^2 + se_c^2) of the two means (se = std/√n).",
     ),
 ]
@@ -165,7 +166,9 @@ DirectionOpt = Annotated[
 ]
 CheckMetricOpt = Annotated[
     list[str] | None,
-    typer.Option("--metric", help="Metric to check, repeatable (default: every metric; both runs must have them)."),
+    typer.Option(
+        "--metric", metavar="NAME", help="Metric to check, repeatable (default: every metric of the baseline)."
+    ),
 ]
 LayersOpt = Annotated[
     str | None, typer.Option("--layers", metavar="SPEC", help="Check only these layers, e.g. 0-5,12 (default: all).")
@@ -270,24 +273,50 @@ def command_line() -> str:
     return shlex.join(words)
 
 
-def layer_table(layers, title: str) -> Table:
-    """Per-layer means with their 95% intervals, one column per metric."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("layer", justify="right")
-    metrics = list(dict.fromkeys(layers["metric"]))
-    for m in metrics:
-        table.add_column(f"{m}\nmean [95% CI]", justify="right")
-    for layer in sorted(layers["layer"].unique()):
-        row = [str(layer)]
-        for m in metrics:
-            d = layers[(layers["layer"] == layer) & (layers["metric"] == m)]
-            if d.empty:
-                row.append("–")
-            else:
-                r = d.iloc[0]
-                row.append(f"{r['mean']:.4f} [{r['ci95_low']:.4f}, {r['ci95_high']:.4f}]")
-        table.add_row(*row)
-    return table
+def _fit_groups(names: list[str], width: int) -> list[list[str]]:
+    """Split column names into consecutive groups whose columns fit ``width`` characters side by side."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        need = max(len(name), 8) + 3
+        if groups[-1] and used + need > width:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += need
+    return groups
+
+
+def layer_tables(layers, title: str, max_ci_columns: int = 2, width: int | None = None) -> list[Table]:
+    """Per-layer means, one column per metric, split into tables that fit the terminal.
+
+    Up to ``max_ci_columns`` metrics are shown in one table with their 95% intervals; more metrics are shown as
+    means only, as many per table as fit ``width`` (default: the console's width).
+    """
+    from .report import metric_order
+
+    metrics = metric_order(layers["metric"])
+    with_ci = len(metrics) <= max_ci_columns
+    groups = [metrics] if with_ci else _fit_groups(metrics, (width or out_console.width) - 10)
+    cells = layers.set_index(["layer", "metric"])
+    tables = []
+    for k, group in enumerate(groups):
+        table = Table(title=title if k == 0 else None, title_justify="left")
+        table.add_column("layer", justify="right")
+        for m in group:
+            table.add_column(f"{m}\nmean [95% CI]" if with_ci else m, justify="right", no_wrap=True)
+        for layer in sorted(layers["layer"].unique()):
+            row = [str(layer)]
+            for m in group:
+                if (layer, m) not in cells.index:
+                    row.append("–")
+                    continue
+                r = cells.loc[(layer, m)]
+                ci = f" [{r['ci95_low']:.4f}, {r['ci95_high']:.4f}]" if with_ci else ""
+                row.append(f"{r['mean']:.4f}{ci}")
+            table.add_row(*row)
+        tables.append(table)
+    return tables
 
 
 @command("measure")
@@ -311,6 +340,17 @@ def measure_cmd(
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = 0,
     amp: AmpOpt = False,
+    channels_last: Annotated[
+        bool,
+        typer.Option("--channels-last/--no-channels-last", help="channels_last memory format (can help on GPUs)."),
+    ] = False,
+    compile_model: Annotated[
+        bool,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the forward pass (slow first batch); runs uncompiled, with a warning, if that fails.",
+        ),
+    ] = False,
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="Measure a random sample of N images (see --seed).")
     ] = None,
@@ -325,6 +365,27 @@ def measure_cmd(
             help="qk: keep fused attention and compute statistics from q and k; softmax: unfused, read probabilities.",
         ),
     ] = Tap.qk,
+    metrics: Annotated[
+        str,
+        typer.Option(
+            "--metrics",
+            metavar="LIST",
+            help="Comma-separated metric names or presets: default (token_cosine, attention_std), cheap, all. "
+            "See the README's metrics section.",
+        ),
+    ] = "default",
+    include_prefix: Annotated[
+        bool,
+        typer.Option(
+            "--include-prefix", help="Token metrics also use the prefix tokens (class, distillation, registers)."
+        ),
+    ] = False,
+    per_head: Annotated[
+        bool,
+        typer.Option(
+            "--per-head", help="Also write heads_<metric>.png, a heads x layers heatmap per attention metric."
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout and nothing else.")] = False,
     quiet: QuietOpt = False,
     baseline: BaselineOpt = None,
@@ -341,6 +402,8 @@ def measure_cmd(
 
     Writes into --out: **layers.csv** (token_cosine for layers 0..L, attention_std for layers 1..L: mean, std and
     95% CI over images), **heads.csv** (attention_std per layer and head), **summary.json** and **curves.png**.
+    `--metrics all` adds rank collapse, effective rank, |cosine|, class-patch cosine, layer CKA, attention
+    entropy, distance and cross-layer similarity; `--per-head` adds **heads_<metric>.png** heatmaps.
 
     Rising token cosine similarity and falling attention std with depth are the signature of over-smoothing.
 
@@ -370,12 +433,16 @@ def measure_cmd(
             seed=seed,
             strict=strict,
             attention_tap=attention_tap.value,
+            metrics=metrics,
+            include_prefix=include_prefix,
             progress=progress_callback(progress, "measuring"),
             command=command_line(),
+            channels_last=channels_last,
+            compile=compile_model,
         )
     if not _is_main():
         return
-    write_run(result, out, overwrite=overwrite)
+    write_run(result, out, overwrite=overwrite, per_head=per_head)
     result.summary["out"] = str(out)
     if gate is None:
         finish_measure(result, out, json_out, quiet)
@@ -400,7 +467,8 @@ def finish_measure(result: Any, out: Path, json_out: bool, quiet: bool) -> None:
         f"{s['model']['name']} ({s['model']['architecture']}): {s['images']['measured']} images, "
         f"{s['run']['images_per_second']} images/s on {s['run']['device']}"
     )
-    out_console.print(layer_table(result.layers, title))
+    for table in layer_tables(result.layers, title):
+        out_console.print(table)
     if s["images"]["skipped"]:
         err_console.print(
             f"[yellow]Skipped {s['images']['skipped']} unreadable file(s)[/]; see summary.json", highlight=False
@@ -515,18 +583,20 @@ def compare_cmd(
         "compare.png"
     ),
     label: Annotated[
-        list[str] | None, typer.Option("--label", help="Legend label, repeatable: one per run, in order.")
+        list[str] | None,
+        typer.Option("--label", metavar="LABEL", help="Legend label, repeatable: one per run, in order."),
     ] = None,
     relative_depth: Annotated[
         bool, typer.Option("--relative-depth", help="Align runs of different depths by layer / L.")
     ] = False,
     metric: Annotated[
-        list[str] | None, typer.Option("--metric", help="Metric to show, repeatable (default: all).")
+        list[str] | None, typer.Option("--metric", metavar="NAME", help="Metric to show, repeatable (default: all).")
     ] = None,
     csv: Annotated[
         Path | None,
         typer.Option("--csv", help="Where to write the wide table.", show_default="compare.csv beside --out"),
     ] = None,
+    ci: Annotated[bool, typer.Option("--ci", help="Shade each run's 95% interval over images.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Overlay the per-layer curves of several runs: one panel per metric, one line per run.
@@ -538,7 +608,7 @@ def compare_cmd(
     from .compare import compare_runs, write_compare
 
     result = compare_runs(runs, label, relative_depth, metric)
-    png, table = write_compare(result, out, csv)
+    png, table = write_compare(result, out, csv, ci)
     if quiet:
         return
     for note in result.notes:
@@ -572,6 +642,231 @@ def baseline_cmd(
         "`oversmooth check` or `oversmooth measure --baseline`",
         highlight=False,
     )
+
+
+class ConsSim(str, Enum):
+    cos = "cos"
+    dot = "dot"
+
+
+@command("finetune")
+def finetune_cmd(
+    model: ModelArg,
+    train_dir: Annotated[
+        Path, typer.Argument(help="Training images, one sub-folder per class (ImageFolder layout).", show_default=False)
+    ],
+    val_dir: Annotated[
+        Path | None, typer.Option("--val-dir", help="Validation images with the same class sub-folders.")
+    ] = None,
+    val_split: Annotated[
+        float, typer.Option("--val-split", help="Without --val-dir: stratified fraction of TRAIN_DIR held out.")
+    ] = 0.1,
+    loss: Annotated[
+        str, typer.Option("--loss", help="Terms added to cross-entropy: any of cos,cons,token, or none (control run).")
+    ] = "cos,cons,token",
+    w_cos: Annotated[float, typer.Option("--w-cos", help="Weight of l_cos.")] = 0.5,
+    w_cons: Annotated[float, typer.Option("--w-cons", help="Weight of l_cons.")] = 0.5,
+    w_token: Annotated[float, typer.Option("--w-token", help="Weight of l_token.")] = 1.0,
+    cons_sim: Annotated[
+        ConsSim, typer.Option("--cons-sim", help="l_cons similarity: cos (bounded) or dot (the paper's raw form).")
+    ] = ConsSim.cos,
+    cons_grad_first: Annotated[
+        bool, typer.Option("--cons-grad-first", help="Let l_cons pass gradient into the first block's tokens too.")
+    ] = False,
+    cutmix: Annotated[
+        bool | None,
+        typer.Option("--cutmix/--no-cutmix", help="Patch CutMix.", show_default="on when token is in --loss"),
+    ] = None,
+    cutmix_prob: Annotated[float, typer.Option("--cutmix-prob", help="Chance of CutMix per batch.")] = 0.5,
+    cutmix_alpha: Annotated[float, typer.Option("--cutmix-alpha", help="Kept area ~ Beta(alpha, alpha).")] = 1.0,
+    cutmix_snap: Annotated[
+        bool, typer.Option("--cutmix-snap/--no-cutmix-snap", help="Snap the CutMix box to the patch grid.")
+    ] = True,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per step and process.")] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate.")] = 5e-4,
+    min_lr: Annotated[float, typer.Option("--min-lr", help="Learning rate at the end of the cosine.")] = 1e-6,
+    weight_decay: Annotated[
+        float, typer.Option("--weight-decay", help="AdamW weight decay (not on norms, biases, tokens).")
+    ] = 0.05,
+    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warmup epochs.")] = 1.0,
+    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Gradient norm clip (0: off).")] = 1.0,
+    label_smoothing: Annotated[
+        float, typer.Option("--label-smoothing", help="Label smoothing (image and patch targets).")
+    ] = 0.1,
+    drop_path: Annotated[float, typer.Option("--drop-path", help="Stochastic depth rate.")] = 0.1,
+    accum_steps: Annotated[int, typer.Option("--accum-steps", help="Micro-batches per optimizer step.")] = 1,
+    hflip: Annotated[float, typer.Option("--hflip", help="Horizontal flip chance of the timm train transform.")] = 0.5,
+    crop_scale: Annotated[
+        float, typer.Option("--crop-scale", help="Smallest area of timm's random-resized crop.")
+    ] = 0.08,
+    amp: AmpOpt = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every random draw.")] = 0,
+    workers: WorkersOpt = 0,
+    device: DeviceOpt = "auto",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Run folder.", show_default="oversmooth-runs/finetune-<model>-<timestamp>"),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the outputs of a run in --out.")] = False,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this folder (same options) from its last save.")
+    ] = None,
+    arch: ArchOpt = None,
+    model_arg: ModelArgOpt = None,
+    pretrained: PretrainedOpt = False,
+    strict_load: StrictLoadOpt = True,
+    trust_checkpoint: TrustOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune a timm ViT with cross-entropy plus the patch-diversification losses (cos, cons, token).
+
+    Total loss = CE + w_cos * l_cos + w_cons * l_cons + w_token * l_token (Gong et al. 2021). Writes into --out:
+    **checkpoint-last/best.safetensors** + **config.json** (`oversmooth measure OUT` loads the best),
+    **train_state.pt** (for --resume), **history.csv**, **before/** and **after/** (measure runs on the validation
+    images), **compare.png** and **training.png**. Ctrl-C saves a resumable checkpoint.
+
+    Several GPUs: `torchrun --nproc_per_node=N -m oversmooth_cli finetune ...`.
+
+    Example: `oversmooth finetune examples/digits-vit data/train --val-dir data/val --loss cos,cons,token`
+    """
+    from .finetune import FinetuneConfig, finetune, parse_losses
+    from .models import parse_model_args
+
+    if resume is not None and out is not None and out.resolve() != resume.resolve():
+        raise UserError(f"--resume {resume} continues the run in that folder; drop --out {out} or make them equal")
+    if resume is None:
+        base = default_out(model)
+        out = out or base.parent / f"finetune-{base.name}"
+    config = FinetuneConfig(
+        losses=parse_losses(loss),
+        w_cos=w_cos,
+        w_cons=w_cons,
+        w_token=w_token,
+        cons_sim=cons_sim.value,
+        cons_grad_first=cons_grad_first,
+        cutmix=cutmix,
+        cutmix_prob=cutmix_prob,
+        cutmix_alpha=cutmix_alpha,
+        cutmix_snap=cutmix_snap,
+        val_split=val_split,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        min_lr=min_lr,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        grad_clip=grad_clip,
+        label_smoothing=label_smoothing,
+        drop_path=drop_path,
+        accum_steps=accum_steps,
+        hflip=hflip,
+        crop_scale=crop_scale,
+        amp=amp,
+        seed=seed,
+    )
+    say = (lambda msg: err_console.print(f"[cyan]Note:[/] {escape(msg)}", highlight=False)) if not quiet else None
+    with make_progress(quiet, unit="steps") as progress:
+        tasks: dict[int, Any] = {}
+
+        def on_step(info: Any) -> None:
+            if info.epoch not in tasks:
+                tasks[info.epoch] = progress.add_task(f"epoch {info.epoch}/{info.epochs}", total=info.steps, rate="")
+            terms = "  ".join(f"{k} {v:.4f}" for k, v in info.running.items())
+            progress.update(tasks[info.epoch], completed=info.step, rate=terms)
+
+        def on_epoch(row: dict[str, Any]) -> None:
+            if tasks.get(row["epoch"]) is not None:
+                progress.remove_task(tasks[row["epoch"]])
+            if not quiet and _is_main():
+                progress.console.print(
+                    f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+                    f"val top-1 {row['val_top1']:.2f}%  last-layer token cosine {row['val_token_cosine']:.4f}  "
+                    f"{row['seconds']:.1f}s",
+                    highlight=False,
+                )
+
+        result = finetune(
+            model,
+            train_dir,
+            resume or out,
+            config,
+            val_dir=val_dir,
+            arch=arch,
+            pretrained=pretrained,
+            model_args=parse_model_args(model_arg),
+            strict_load=strict_load,
+            trust_checkpoint=trust_checkpoint,
+            device=device,
+            workers=workers,
+            resume=resume is not None,
+            overwrite=overwrite,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            log=say if _is_main() else None,
+            command=command_line(),
+        )
+    if not _is_main():
+        if result.interrupted:
+            raise typer.Exit(130)
+        return
+    target = escape(str(result.out))
+    if result.interrupted:
+        epoch, step = result.stopped_at
+        err_console.print(
+            f"[yellow]Interrupted[/] at epoch {epoch}, step {step}: saved a resumable checkpoint; "
+            f"continue with --resume {target}",
+            highlight=False,
+        )
+        raise typer.Exit(130)
+    if quiet:
+        return
+    before = result.before_layers
+    after = result.after_layers
+    last = int(before["layer"].max())
+
+    def cosine(df: Any) -> float:
+        return float(df[(df["metric"] == "token_cosine") & (df["layer"] == last)]["mean"].iloc[0])
+
+    out_console.print(
+        f"last-layer token cosine on the validation images: {cosine(before):.4f} before -> {cosine(after):.4f} after; "
+        f"best val top-1 {result.best_top1:.2f}% (epoch {result.best_epoch})",
+        highlight=False,
+    )
+    out_console.print(
+        f"Wrote {target}/ (checkpoint-last/best.safetensors, config.json, train_state.pt, history.csv, before/, "
+        "after/, compare.png, training.png)",
+        highlight=False,
+    )
+
+
+@command("models")
+def models_cmd(
+    pattern: Annotated[
+        str, typer.Argument(help="Architecture name or wildcard pattern (e.g. 'swin*', '*distilled*').")
+    ] = "*",
+) -> None:
+    """List the timm architectures matching PATTERN and, for each family, which metrics are measured.
+
+    Token metrics (token_cosine...) and attention metrics (attention_std...) apply at every layer, at some layers
+    (e.g. only the class-attention blocks of XCiT), or not at all; docs/compatibility.md has the full table.
+    Example: `oversmooth models 'swin*'`
+    """
+    from .adapters import architecture_families, family_support
+
+    rows = architecture_families(pattern)
+    if not rows:
+        raise UserError(f"no timm architecture matches {pattern!r}; try a wildcard such as 'vit_*' or '*swin*'")
+    support = {family: family_support(family) for family in dict.fromkeys(f for _, f in rows)}
+    table = Table(title=f"{len(rows)} timm architecture(s) matching {pattern!r}", title_justify="left")
+    for column in ("architecture", "family", "status", "token metrics", "attention metrics"):
+        table.add_column(column)
+    for name, family in rows:
+        s = support[family]
+        table.add_row(name, family, s.status, s.tokens, s.attention)
+    out_console.print(table)
+    for s in support.values():
+        out_console.print(f"[bold]{escape(s.family)}[/] ({s.status}): {escape(s.note)}", highlight=False)
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ Runs of models with different depths line up by relative depth (``layer / L``) w
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .check import Run, load_run
+from .check import Run, load_run, panel_grid
 from .errors import UserError
 from .report import METRIC_LABELS, atomic_write, metric_order, save_figure
 
@@ -133,14 +132,13 @@ def compare_runs(
     return CompareResult(runs, labels, relative_depth, table, notes)
 
 
-def plot_compare(result: CompareResult):
-    """One panel per metric, one line (with its 95% band) per run."""
+def plot_compare(result: CompareResult, ci: bool = False):
+    """One panel per metric, one line per run (with its 95% interval over images shaded when ``ci``)."""
     import matplotlib.pyplot as plt
 
     metrics = list(dict.fromkeys(result.table["metric"]))
-    ncols = min(2, len(metrics))
-    nrows = math.ceil(len(metrics) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.0 * nrows), squeeze=False)
+    nrows, ncols = panel_grid(len(metrics))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.0 * nrows), squeeze=False, layout="constrained")
     for i, (ax, metric) in enumerate(zip(axes.flat, metrics, strict=False)):
         for j, (run, label) in enumerate(zip(result.runs, result.labels, strict=True)):
             d = _long(run, label, result.relative_depth, [metric]).sort_values("x")
@@ -148,7 +146,8 @@ def plot_compare(result: CompareResult):
                 continue
             color = f"C{j % 10}"
             ax.plot(d["x"], d["mean"], marker="o", ms=3.5, lw=1.6, color=color, label=label)
-            ax.fill_between(d["x"], d["ci95_low"], d["ci95_high"], color=color, alpha=0.12, lw=0)
+            if ci:
+                ax.fill_between(d["x"], d["ci95_low"], d["ci95_high"], color=color, alpha=0.12, lw=0)
         ax.set_title(f"({chr(ord('a') + i)}) {METRIC_LABELS.get(metric, metric)}", loc="left", fontsize=11)
         ax.set_xlabel("relative depth (layer / L)" if result.relative_depth else "layer (0 = block input)")
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
@@ -158,12 +157,14 @@ def plot_compare(result: CompareResult):
         ax.legend(fontsize=8, loc="best")
     for ax in list(axes.flat)[len(metrics) :]:
         ax.set_visible(False)
-    fig.suptitle(f"oversmooth compare: {len(result.runs)} runs (shaded: 95% CI over images)", fontsize=10)
-    fig.tight_layout()
+    shaded = " (shaded: 95% CI over images)" if ci else ""
+    fig.suptitle(f"oversmooth compare: {len(result.runs)} runs{shaded}", fontsize=10)
     return fig
 
 
-def write_compare(result: CompareResult, out: str | Path, csv: str | Path | None = None) -> tuple[Path, Path]:
+def write_compare(
+    result: CompareResult, out: str | Path, csv: str | Path | None = None, ci: bool = False
+) -> tuple[Path, Path]:
     """Write the figure to ``out`` and the wide table to ``csv`` (default: ``compare.csv`` beside ``out``)."""
     out = Path(out)
     if out.is_dir():
@@ -172,5 +173,5 @@ def write_compare(result: CompareResult, out: str | Path, csv: str | Path | None
     if csv_path.resolve() == out.resolve():
         raise UserError(f"the figure and the table would both be written to {out}; give --out a .png name")
     atomic_write(csv_path, lambda p: result.table.to_csv(p, index=False))
-    save_figure(plot_compare(result), out)
+    save_figure(plot_compare(result, ci), out)
     return out, csv_path

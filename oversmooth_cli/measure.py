@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,13 +28,39 @@ from . import distributed as D
 from .capture import LayerInfo, OversmoothingCapture, UnsupportedModelError, model_family
 from .data import build_loader, find_images, sample_paths, shard_paths
 from .errors import UserError
-from .metrics import ATTENTION_METRICS, METRICS_VERSION, TOKEN_METRICS, OversmoothingAccumulator
+from .metrics import (
+    ALL_METRICS,
+    ATTENTION_METRICS,
+    DEFAULT_METRICS,
+    METRIC_PRESETS,
+    METRICS_VERSION,
+    TOKEN_METRICS,
+    OversmoothingAccumulator,
+    describe_metric,
+)
 from .models import LoadedModel, load_model
-from .report import HEAD_COLUMNS, LAYER_COLUMNS, plot_curves, save_figure, staged_dir, write_json
+from .report import (
+    HEAD_COLUMNS,
+    LAYER_COLUMNS,
+    metric_order,
+    plot_curves,
+    plot_head_heatmap,
+    save_figure,
+    staged_dir,
+    write_json,
+)
 
-__all__ = ["DEFAULT_METRICS", "MeasureResult", "measure", "measure_batches", "resolve_device", "write_run"]
+__all__ = [
+    "DEFAULT_METRICS",
+    "MeasureResult",
+    "measure",
+    "measure_batches",
+    "parse_metrics",
+    "resolve_device",
+    "write_run",
+]
 
-DEFAULT_METRICS = ("token_cosine", "attention_std")
+_log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 """``progress(images_done, images_total)`` called after every batch."""
@@ -70,12 +97,34 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def _split_metrics(metrics: Sequence[str]) -> tuple[list[str], list[str]]:
-    unknown = [m for m in metrics if m not in TOKEN_METRICS and m not in ATTENTION_METRICS]
+def parse_metrics(spec: str | Sequence[str]) -> list[str]:
+    """Metric names from ``--metrics``: comma-separated names and presets (``default``, ``cheap``, ``all``).
+
+    Args:
+        spec: e.g. ``"default,effective_rank"``, ``"all"`` or ``["token_cosine", "layer_cka"]``.
+
+    Returns:
+        The selected metrics once each, in registry order (token metrics first).
+
+    Raises:
+        UserError: an empty selection or an unknown name.
+    """
+    items = [spec] if isinstance(spec, str) else list(spec)
+    names = [word.strip() for item in items for word in str(item).split(",") if word.strip()]
+    if not names:
+        raise UserError(f"--metrics selects nothing; give metric names or one of {', '.join(METRIC_PRESETS)}")
+    unknown = [n for n in names if n not in ALL_METRICS and n not in METRIC_PRESETS]
     if unknown:
-        known = ", ".join([*TOKEN_METRICS, *ATTENTION_METRICS])
-        raise UserError(f"unknown metric(s) {', '.join(unknown)}; known: {known}")
-    return [m for m in metrics if m in TOKEN_METRICS], [m for m in metrics if m in ATTENTION_METRICS]
+        raise UserError(
+            f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(ALL_METRICS)}, or {', '.join(METRIC_PRESETS)}"
+        )
+    chosen = {m for n in names for m in METRIC_PRESETS.get(n, (n,))}
+    return [m for m in ALL_METRICS if m in chosen]
+
+
+def _split_metrics(metrics: str | Sequence[str]) -> tuple[list[str], list[str]]:
+    names = parse_metrics(metrics)
+    return [m for m in names if m in TOKEN_METRICS], [m for m in names if m in ATTENTION_METRICS]
 
 
 def _forward(model: torch.nn.Module, images: torch.Tensor) -> Any:
@@ -84,14 +133,54 @@ def _forward(model: torch.nn.Module, images: torch.Tensor) -> Any:
     return forward(images) if callable(forward) else model(images)
 
 
+class _Forward:
+    """The forward pass :func:`measure_batches` runs: eager, or ``torch.compile``'d with an eager fallback.
+
+    Compilation happens at the first call; if it fails (no C++ compiler, an unsupported operator...), one warning
+    line is logged and every batch, that one included, runs eagerly. The capture's hooks run either way.
+    """
+
+    def __init__(self, model: torch.nn.Module, compile: bool = False) -> None:
+        self.model = model
+        self.compiled: Callable[[torch.Tensor], Any] | None = None
+        if compile:
+            try:
+                self.compiled = torch.compile(self.eager)
+            except Exception as e:  # torch.compile unsupported on this platform / Python
+                self._fall_back(e)
+
+    def eager(self, images: torch.Tensor) -> Any:
+        return _forward(self.model, images)
+
+    def _fall_back(self, error: BaseException) -> None:
+        self.compiled = None
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        _log.warning("torch.compile failed (%s: %s); measuring without compilation", type(error).__name__, first)
+
+    def __call__(self, images: torch.Tensor) -> Any:
+        if self.compiled is None:
+            return self.eager(images)
+        try:
+            return self.compiled(images)
+        except Exception as e:  # a genuine model error raises again from the eager pass
+            self._fall_back(e)
+            return self.eager(images)
+
+
 def measure_batches(
     model: torch.nn.Module,
     batches,
     device: torch.device,
     amp: bool = False,
-    metrics: Sequence[str] = DEFAULT_METRICS,
+    metrics: str | Sequence[str] = DEFAULT_METRICS,
     attention_tap: str = "qk",
     on_batch: Callable[[int, list[tuple[int, str]]], None] | None = None,
+    include_prefix: bool = False,
+    unavailable: dict[str, str] | None = None,
+    *,
+    channels_last: bool = False,
+    compile: bool = False,
+    run_info: dict[str, Any] | None = None,
 ) -> tuple[OversmoothingAccumulator, list[LayerInfo]]:
     """Reduce batches ``(images, indices, failures)`` to a filled accumulator (the core loop, no I/O).
 
@@ -100,9 +189,14 @@ def measure_batches(
         batches: iterable of ``(images or None, indices, [(index, error)])`` as the loader yields them.
         device: where the forward runs.
         amp: bf16 autocast on CUDA (metric arithmetic stays float32).
-        metrics: names of token and attention metrics.
+        metrics: names of token and attention metrics, or presets (see :func:`parse_metrics`).
         attention_tap: ``qk`` or ``softmax`` (see :mod:`oversmooth_cli.capture`).
         on_batch: ``on_batch(n_images_in_batch, failures)`` after each batch.
+        include_prefix: token metrics measure prefix tokens too (``--include-prefix``).
+        unavailable: filled with ``{metric: reason}`` for selected metrics the model cannot give.
+        channels_last: run the model and the images in ``torch.channels_last`` memory format (restored after).
+        compile: ``torch.compile`` the forward pass; falls back to eager with one warning line if that fails.
+        run_info: filled with ``{"compiled": bool}`` (whether the compiled forward was used to the end).
     """
     token_metrics, attention_metrics = _split_metrics(metrics)
     acc = OversmoothingAccumulator()
@@ -110,17 +204,32 @@ def measure_batches(
         torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
     )
     non_blocking = device.type == "cuda"
-    with OversmoothingCapture(model, token_metrics, attention_metrics, attention_tap) as cap, torch.inference_mode():
-        for images, _indices, failures in batches:
-            n = 0
-            if images is not None:
-                with autocast:
-                    _forward(model, images.to(device, non_blocking=non_blocking))
-                acc.update(*cap.pop_batch())
-                n = images.shape[0]
-            if on_batch is not None:
-                on_batch(n, failures)
-        return acc, cap.layers
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    capture = OversmoothingCapture(
+        model, token_metrics, attention_metrics, attention_tap, include_prefix=include_prefix
+    )
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    forward = _Forward(model, compile)
+    try:
+        with capture as cap, torch.inference_mode():
+            for images, _indices, failures in batches:
+                n = 0
+                if images is not None:
+                    with autocast:
+                        forward(images.to(device, non_blocking=non_blocking, memory_format=memory_format))
+                    acc.update(*cap.pop_batch())
+                    n = images.shape[0]
+                if on_batch is not None:
+                    on_batch(n, failures)
+            if unavailable is not None:
+                unavailable.update(cap.unavailable)
+            if run_info is not None:
+                run_info["compiled"] = forward.compiled is not None
+            return acc, cap.layers
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
 
 
 def measure(
@@ -139,10 +248,13 @@ def measure(
     limit: int | None = None,
     seed: int = 0,
     strict: bool = False,
-    metrics: Sequence[str] = DEFAULT_METRICS,
+    metrics: str | Sequence[str] = DEFAULT_METRICS,
+    include_prefix: bool = False,
     attention_tap: str = "qk",
     progress: ProgressFn | None = None,
     command: str | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> MeasureResult:
     """Measure layer-wise over-smoothing of a timm model on an image folder, one image, or a list file.
 
@@ -159,16 +271,21 @@ def measure(
         limit: measure a random sample of this many images (reproducible with ``seed``).
         seed: seed of the sample.
         strict: an unreadable image is an error instead of being skipped and listed.
-        metrics: metric names (default: ``token_cosine``, ``attention_std``).
+        metrics: metric names or presets, e.g. ``"all"`` or ``["default", "effective_rank"]`` (default:
+            ``token_cosine``, ``attention_std``; see :func:`parse_metrics`).
+        include_prefix: token metrics measure the prefix tokens (class, distillation, registers) too.
         attention_tap: ``qk`` (fused attention kept) or ``softmax`` (unfused, probabilities read directly).
         progress: ``progress(done, total)`` after each batch (on rank 0 only).
         command: the command line to record in the summary.
+        channels_last: run in ``torch.channels_last`` memory format (can help convolutional stems on GPUs).
+        compile: ``torch.compile`` the forward pass (slow first batch); falls back to eager with a warning.
 
     Returns:
         A :class:`MeasureResult`; :func:`write_run` writes it to a folder.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    metrics = parse_metrics(metrics)
     dev = resolve_device(device)
     distributed = D.init_from_env(dev)
     if distributed and dev.type == "cuda":
@@ -196,9 +313,24 @@ def measure(
         if progress is not None and D.is_main():
             progress(min(done[0] * D.world_size(), len(paths)), len(paths))
 
+    unavailable: dict[str, str] = {}
+    run_info: dict[str, Any] = {}
     start = time.perf_counter()
     try:
-        acc, layers = measure_batches(net, loader, dev, amp, metrics, attention_tap, on_batch)
+        acc, layers = measure_batches(
+            net,
+            loader,
+            dev,
+            amp,
+            metrics,
+            attention_tap,
+            on_batch,
+            include_prefix,
+            unavailable=unavailable,
+            channels_last=channels_last,
+            compile=compile,
+            run_info=run_info,
+        )
     except UnsupportedModelError as e:
         raise UserError(str(e)) from e
     if dev.type == "cuda":
@@ -211,6 +343,9 @@ def measure(
         raise UserError(f"none of the {len(paths)} images could be read (first error: {skipped[0]['reason']})")
 
     layer_df = pd.DataFrame(list(acc.layer_rows()), columns=LAYER_COLUMNS)
+    info = {layer.index: layer for layer in layers}
+    layer_df["stage"] = [info[i].stage for i in layer_df["layer"]]
+    layer_df["n_tokens"] = pd.array([info[i].n_tokens for i in layer_df["layer"]], dtype="Int64")
     head_df = pd.DataFrame(list(acc.head_rows()), columns=HEAD_COLUMNS)
     summary = {
         "tool": "oversmooth",
@@ -238,15 +373,19 @@ def measure(
             "batch_size": batch_size,
             "workers": workers,
             "attention_tap": attention_tap,
+            "channels_last": channels_last,
+            "compile": compile,
+            "compiled": run_info.get("compiled", False),
+            "include_prefix": include_prefix,
             "world_size": D.world_size(),
             "seconds": round(seconds, 4),
             "images_per_second": round(n_images / seconds, 3) if seconds > 0 else None,
         },
         "metrics": {
             name: {
-                "definition": (TOKEN_METRICS.get(name) or ATTENTION_METRICS[name]).definition,
-                "tokens": "patch tokens (prefix tokens excluded)",
-                "layers": "0..L" if name in TOKEN_METRICS else "1..L",
+                **describe_metric(name, include_prefix),
+                "measured": name in set(layer_df["metric"]),
+                **({"unavailable": unavailable[name]} if name in unavailable else {}),
             }
             for name in metrics
         },
@@ -255,13 +394,27 @@ def measure(
             for m in layer_df["metric"].unique()
         },
         "n_layers": len(layers) - 1,
+        "layer_info": [
+            {
+                "layer": layer.index,
+                "name": layer.name,
+                "stage": layer.stage,
+                "n_tokens": layer.n_tokens,
+                "token_metrics": layer.has_tokens,
+                "attention_metrics": layer.has_attention,
+            }
+            for layer in layers
+        ],
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
     return MeasureResult(layer_df, head_df, summary, acc)
 
 
-def write_run(result: MeasureResult, out: str | Path, overwrite: bool = False) -> Path:
-    """Write ``layers.csv``, ``heads.csv``, ``summary.json`` and ``curves.png`` into ``out`` atomically."""
+def write_run(result: MeasureResult, out: str | Path, overwrite: bool = False, per_head: bool = False) -> Path:
+    """Write ``layers.csv``, ``heads.csv``, ``summary.json`` and ``curves.png`` into ``out`` atomically.
+
+    With ``per_head``, also ``heads_<metric>.png``: a heads x layers heatmap for each attention metric measured.
+    """
     out = Path(out)
     with staged_dir(out, overwrite) as stage:
         result.layers.to_csv(stage / "layers.csv", index=False)
@@ -269,4 +422,6 @@ def write_run(result: MeasureResult, out: str | Path, overwrite: bool = False) -
         write_json(stage / "summary.json", result.summary)
         title = f"{result.summary['model']['name']} · {result.summary['images']['measured']} images"
         save_figure(plot_curves(result.layers, title), stage / "curves.png")
+        for metric in metric_order(result.heads["metric"].unique()) if per_head else ():
+            save_figure(plot_head_heatmap(result.heads, metric, title), stage / f"heads_{metric}.png")
     return out

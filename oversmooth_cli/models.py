@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "checkpoint-best.safetensors")
 STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
 """Keys a wrapped checkpoint may hold its weights under, in order of preference (EMA first, as in timm)."""
 STRIP_PREFIXES = ("module.", "_orig_mod.")

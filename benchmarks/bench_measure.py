@@ -1,0 +1,384 @@
+"""Benchmark: what the over-smoothing diagnostic costs next to a bare forward pass, and how much memory it needs.
+
+Rows (same model, same in-memory batches, same process; rows are interleaved within every repeat so background load
+hits them alike; each figure is the median over repeats):
+
+1. ``bare``: the model as timm builds it (fused attention on, no hooks), ``forward_features`` under inference mode.
+2. ``oversmooth``: :func:`oversmooth_cli.measure.measure_batches` on the same batches (hooks, chunked attention
+   statistics from q and k, O(n d) token cosine, one device-to-host copy per batch, float64 accumulators).
+   ``2s`` is the same with ``attention_tap="softmax"`` (unfused attention, statistics from the model's own
+   probabilities).
+3. ``naive``: a pass as a user would hand-write it: hooks keeping every block's tokens, an ``n x n`` cosine matrix
+   per image and layer, unfused softmax attention kept for every layer, values moved to the host per layer.
+4. ``measure`` end to end on an image folder (:func:`oversmooth_cli.measure.measure`, decoding included) next to
+   decoding + transforming the same images alone (the same DataLoader, no model).
+
+Rows 1-3 run once per ``--img-size``. Then peak RSS of ``measure`` on N and on 10 x N images, each in a fresh child
+process with ``workers=0`` (decoding in that process too; ``resource.getrusage(...).ru_maxrss``).
+
+Rates are images per wall-clock second; ``cpu img/s`` divides by this process's CPU time instead (all its threads),
+which moves less when other programs share the machine.
+
+Run from the repository root::
+
+    python benchmarks/bench_measure.py                       # 224 px, all rows, RSS on 32 and 320 images
+    python benchmarks/bench_measure.py --img-size 384 --batch-size 8 --rows 1,2,3 --rss-images 0
+    python benchmarks/bench_measure.py --repeats 2 --rows 1,2 --rss-images 0     # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from oversmooth_cli.data import build_loader, find_images
+from oversmooth_cli.measure import measure, measure_batches
+from oversmooth_cli.metrics import OversmoothingAccumulator
+from oversmooth_cli.models import LoadedModel, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "images"
+
+
+# -- the passes ----------------------------------------------------------------------------------------------------
+def bare_pass(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    """Row 1: plain inference, nothing attached."""
+    with torch.inference_mode():
+        for x in batches:
+            model.forward_features(x)
+
+
+def oversmooth_pass(model: torch.nn.Module, batches: list[torch.Tensor], **opts) -> OversmoothingAccumulator:
+    """Row 2: the library's core loop on in-memory batches."""
+    items = [(x, list(range(x.shape[0])), []) for x in batches]
+    acc, _layers = measure_batches(model, items, torch.device("cpu"), **opts)
+    return acc
+
+
+@contextlib.contextmanager
+def naive_hooks(model: torch.nn.Module):
+    """Hooks a user would write: keep every block's tokens and every layer's (unfused) softmax attention."""
+    blocks = list(model.blocks)  # timm ViT layout, written out as a user would
+    kept: dict[str, list[torch.Tensor]] = {"tokens": [], "probs": []}
+    handles = [blocks[0].register_forward_pre_hook(lambda _m, args: kept["tokens"].append(args[0]))]
+    handles += [b.register_forward_hook(lambda _m, _a, out: kept["tokens"].append(out)) for b in blocks]
+    attns = [b.attn for b in blocks]
+    fused = [a.fused_attn for a in attns]
+    for a in attns:
+        a.fused_attn = False
+        handles.append(a.attn_drop.register_forward_pre_hook(lambda _m, args: kept["probs"].append(args[0])))
+    try:
+        yield kept
+    finally:
+        for h in handles:
+            h.remove()
+        for a, f in zip(attns, fused, strict=True):
+            a.fused_attn = f
+
+
+def naive_pass(model: torch.nn.Module, batches: list[torch.Tensor]) -> OversmoothingAccumulator:
+    """Row 3: n x n cosine matrices and full attention maps for every layer, reduced after the forward."""
+    prefix = int(getattr(model, "num_prefix_tokens", 0))
+    acc = OversmoothingAccumulator()
+    with naive_hooks(model) as kept, torch.inference_mode():
+        for x in batches:
+            kept["tokens"].clear()
+            kept["probs"].clear()
+            model.forward_features(x)
+            layers, heads = {}, {}
+            for layer, tokens in enumerate(kept["tokens"]):
+                u = F.normalize(tokens[:, prefix:].float(), dim=-1)
+                sim = u @ u.transpose(-1, -2)  # (B, n, n)
+                n = sim.shape[-1]
+                off_diag = sim.sum(dim=(-2, -1)) - sim.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+                layers[("token_cosine", layer)] = (off_diag / (n * (n - 1))).cpu()
+            for layer, probs in enumerate(kept["probs"], start=1):
+                per_head = probs[:, :, prefix:].float().std(dim=-1, correction=0).mean(dim=-1)  # (B, H)
+                heads[("attention_std", layer)] = per_head.cpu()
+                layers[("attention_std", layer)] = per_head.mean(dim=-1).cpu()
+            acc.update(layers, heads)
+    return acc
+
+
+def decode_only(paths: list[Path], data_config: dict, batch_size: int, workers: int) -> int:
+    """Row 4 (reference): decode + eval transform through the same DataLoader, no model."""
+    n = 0
+    for images, _idx, _fail in build_loader(paths, data_config, batch_size, workers):
+        n += 0 if images is None else images.shape[0]
+    return n
+
+
+# -- timing helpers --------------------------------------------------------------------------------------------------
+Row = tuple[Callable[[], object], Callable[[], object]]
+"""``(timed pass, warm-up pass on a little input)``."""
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def interleaved(rows: dict[str, Row], repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """``(wall, cpu)`` seconds per row per repeat; each repeat runs every row once, in turn, after one warm-up each."""
+    for _timed, warm in rows.values():
+        warm()
+    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
+    for _ in range(repeats):
+        for name, (fn, _warm) in rows.items():
+            seconds[name].append(timed(fn))
+    return seconds
+
+
+def summarise(name: str, img_size: int, n_images: int, seconds: list[tuple[float, float]]) -> dict:
+    walls, cpus = [w for w, _ in seconds], [c for _, c in seconds]
+    return {
+        "row": name,
+        "img_size": img_size,
+        "images": n_images,
+        "wall_s": walls,
+        "cpu_s": cpus,
+        "rate": n_images / statistics.median(walls),
+        "cpu_rate": n_images / statistics.median(cpus),
+    }
+
+
+def max_abs_diff(a: OversmoothingAccumulator, b: OversmoothingAccumulator) -> float:
+    """Largest difference of the per-layer means of two runs (a sanity check that the passes agree)."""
+    ra = {(r["metric"], r["layer"]): r["mean"] for r in a.layer_rows()}
+    rb = {(r["metric"], r["layer"]): r["mean"] for r in b.layer_rows()}
+    return max(abs(ra[k] - rb[k]) for k in ra)
+
+
+def replicate(source: Path, n: int, folder: Path) -> Path:
+    """A list file naming ``n`` images, cycling over the images of ``source``."""
+    found = find_images(source)
+    listing = folder / f"images-{n}.txt"
+    listing.write_text("\n".join(str(found[i % len(found)]) for i in range(n)) + "\n")
+    return listing
+
+
+def build(model_name: str, img_size: int) -> LoadedModel:
+    torch.manual_seed(0)
+    return load_model(model_name, pretrained=False, model_args={"img_size": img_size})
+
+
+# -- rows ------------------------------------------------------------------------------------------------------------
+def forward_rows(args: argparse.Namespace, img_size: int, wanted: set[str]) -> list[dict]:
+    model = build(args.model, img_size).model
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(args.batch_size, 3, img_size, img_size, generator=gen) for _ in range(args.batches)]
+    little = [batches[0][:2]]
+    opts = {"channels_last": args.channels_last, "compile": args.compile} if args.library_opts else {}
+    passes: dict[str, tuple[str, Callable[[list[torch.Tensor]], object]]] = {
+        "1": ("1 bare timm forward (fused attention, no hooks)", lambda b: bare_pass(model, b)),
+        "2": ("2 oversmooth metric pass", lambda b: oversmooth_pass(model, b, **opts)),
+        "2s": ("2s oversmooth, --attention-tap softmax", lambda b: oversmooth_pass(model, b, attention_tap="softmax")),
+        "3": ("3 naive hand-written pass", lambda b: naive_pass(model, b)),
+    }
+    rows: dict[str, Row] = {
+        name: (functools.partial(fn, batches), functools.partial(fn, little))
+        for key, (name, fn) in passes.items()
+        if key in wanted
+    }
+    if "2" in wanted and "3" in wanted:
+        diff = max_abs_diff(oversmooth_pass(model, little), naive_pass(model, little))
+        print(f"[img_size {img_size}] oversmooth vs naive per-layer means: max |diff| = {diff:.2e}", file=sys.stderr)
+    n_images = args.batch_size * args.batches
+    return [summarise(name, img_size, n_images, s) for name, s in interleaved(rows, args.repeats).items()]
+
+
+def e2e_rows(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    img_size = args.img_size[0]
+    loaded = build(args.model, img_size)
+    listing = replicate(args.images, args.e2e_images, tmp)
+    paths = find_images(listing)
+    little = replicate(args.images, 2, tmp)
+
+    def end_to_end(source: Path) -> None:
+        measure(loaded, source, device="cpu", batch_size=args.batch_size, workers=args.workers, command="bench")
+
+    def decode(some: list[Path]) -> None:
+        decode_only(some, loaded.data_config, args.batch_size, args.workers)
+
+    rows: dict[str, Row] = {
+        "4a decode + transform alone": (functools.partial(decode, paths), functools.partial(decode, paths[:2])),
+        "4b measure end to end (image folder)": (
+            functools.partial(end_to_end, listing),
+            functools.partial(end_to_end, little),
+        ),
+    }
+    return [summarise(name, img_size, len(paths), s) for name, s in interleaved(rows, args.repeats).items()]
+
+
+def rss_child(args: argparse.Namespace) -> None:
+    """In a fresh process: measure ``--rss-child`` images (decoding in-process) and print peak RSS (MiB) as JSON."""
+    loaded = build(args.model, args.img_size[0])
+    before = current_rss_mib()
+    during = [before]
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = replicate(args.images, args.rss_child, Path(tmp))
+        start = time.perf_counter()
+        result = measure(
+            loaded,
+            listing,
+            device="cpu",
+            batch_size=args.batch_size,
+            workers=0,
+            command="bench",
+            progress=lambda _done, _total: during.append(current_rss_mib()),
+        )
+        seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    n = result.summary["images"]["measured"]
+    print(json.dumps({"images": n, "peak_mib": peak, "measuring_mib": max(during), "before_mib": before, "s": seconds}))
+
+
+def current_rss_mib() -> float:
+    """Resident set size now (Linux ``/proc/self/statm``), in MiB."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rss_rows(args: argparse.Namespace) -> list[dict]:
+    out = []
+    for n in (args.rss_images, 10 * args.rss_images):
+        cmd = [sys.executable, __file__, "--rss-child", str(n), "--model", args.model, "--images", str(args.images)]
+        cmd += [
+            "--img-size",
+            str(args.img_size[0]),
+            "--batch-size",
+            str(args.batch_size),
+            "--threads",
+            str(args.threads),
+        ]
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------------------------------
+def ratio_lines(rows: list[dict], args: argparse.Namespace) -> list[str]:
+    """The ratios the targets name, by wall-clock rate and by CPU-time rate."""
+    by = {(r["row"].split()[0], r["img_size"]): r for r in rows}
+
+    def ratio(a: str, b: str, size: int) -> str | None:
+        ra, rb = by.get((a, size)), by.get((b, size))
+        if not (ra and rb):
+            return None
+        return f"{ra['rate'] / rb['rate']:.3f} (cpu {ra['cpu_rate'] / rb['cpu_rate']:.3f})"
+
+    lines = []
+    for size in args.img_size:
+        for a, b, note in (("2", "1", "target >= 0.92"), ("2s", "1", ""), ("2", "3", ""), ("3", "1", "")):
+            value = ratio(a, b, size)
+            if value:
+                lines.append(f"({a})/({b}) at {size}: {value}" + (f"   [{note}]" if note else ""))
+    dec, e2e, fwd = by.get(("4a", args.img_size[0])), by.get(("4b", args.img_size[0])), by.get(("2", args.img_size[0]))
+    if dec and e2e:
+        line = f"(4b)/(4a): {e2e['rate'] / dec['rate']:.3f}"
+        if fwd:
+            bottleneck = "decoding" if dec["rate"] < fwd["rate"] else "the model"
+            line += (
+                f"; bottleneck: {bottleneck}; (4b)/min((4a), (2)) = {e2e['rate'] / min(dec['rate'], fwd['rate']):.3f}"
+            )
+        lines.append(line + "   [target >= 0.90 when decoding is the bottleneck]")
+    return lines
+
+
+def print_table(rows: list[dict], rss: list[dict], args: argparse.Namespace) -> None:
+    print(
+        f"{args.model} (random weights), batch {args.batch_size}, median of {args.repeats}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus ({cpu_name()}), workers {args.workers}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    print(f"| {'row':<44} | {'img':>4} | {'images':>6} | {'img/s':>7} | {'cpu img/s':>9} | {'wall s min..max':>15} |")
+    print(f"|{'-' * 46}|{'-' * 5}:|{'-' * 7}:|{'-' * 8}:|{'-' * 10}:|{'-' * 16}:|")
+    for r in rows:
+        span = f"{min(r['wall_s']):.2f}..{max(r['wall_s']):.2f}"
+        print(
+            f"| {r['row']:<44} | {r['img_size']:>4} | {r['images']:>6} | {r['rate']:>7.2f} | {r['cpu_rate']:>9.2f} "
+            f"| {span:>15} |"
+        )
+    for line in ratio_lines(rows, args):
+        print(line)
+    if rss:
+        small, big = rss
+        for key, what in (("peak_mib", "peak RSS of the process"), ("measuring_mib", "largest RSS after a batch")):
+            print(
+                f"{what}: {small['images']} images {small[key]:.0f} MiB, {big['images']} images {big[key]:.0f} MiB, "
+                f"ratio {big[key] / small[key]:.3f}   [target <= 1.05]"
+            )
+        print(f"(RSS with the model loaded, before measuring: {small['before_mib']:.0f} MiB)")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="vit_small_patch16_224", help="timm model name (random weights)")
+    p.add_argument("--img-size", type=int, nargs="+", default=[224], help="input sizes for rows 1-3")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batches", type=int, default=1, help="in-memory batches per timed pass (rows 1-3)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per row (the median is reported)")
+    p.add_argument("--rows", default="1,2,2s,3,4", help="comma-separated rows to run (1,2,2s,3,4)")
+    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="image folder for row 4 and the RSS runs")
+    p.add_argument("--e2e-images", type=int, default=64, help="images in row 4 (the folder's images, cycled)")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers for row 4 and the RSS runs")
+    p.add_argument("--rss-images", type=int, default=32, help="N for the peak RSS runs (N and 10 N); 0 skips them")
+    p.add_argument("--channels-last", action="store_true", help="row 2 with channels_last")
+    p.add_argument("--compile", action="store_true", help="row 2 with torch.compile")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    p.add_argument("--json", type=Path, help="also write the raw timings here")
+    p.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.library_opts = args.channels_last or args.compile
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.rss_child:
+        rss_child(args)
+        return
+    wanted = set(args.rows.split(","))
+    rows: list[dict] = []
+    for size in args.img_size:
+        if wanted & {"1", "2", "2s", "3"}:
+            rows += forward_rows(args, size, wanted)
+    with tempfile.TemporaryDirectory() as tmp:
+        if "4" in wanted:
+            rows += e2e_rows(args, Path(tmp))
+    rss = rss_rows(args) if args.rss_images > 0 else []
+    print_table(rows, rss, args)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "rss": rss}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

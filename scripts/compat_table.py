@@ -1,0 +1,403 @@
+"""Build ``docs/compatibility.md`` by measuring one small random-weight model of every timm attention family.
+
+Every family registered in :mod:`oversmooth_cli.adapters` (supported or not) is built from the recipe below (random
+weights, a small image size, one to two blocks per stage) and run through :func:`oversmooth_cli.measure.measure` on
+the CPU with two real photos. The table reports what was actually measured: layers, stages, and at how many layers
+each kind of metric has values; a family that fails is listed with its error.
+
+Usage::
+
+    python scripts/compat_table.py                 # writes docs/compatibility.md
+    python scripts/compat_table.py --check         # exit 1 when docs/compatibility.md is out of date
+    python scripts/compat_table.py --family swin_transformer --family eva   # print those rows only
+
+The recipes (:data:`SMALL_MODELS`) are also what ``tests/test_families.py`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "compatibility.md"
+PHOTOS = REPO / "examples" / "photos"
+
+
+@dataclass(frozen=True)
+class SmallModel:
+    """A small random-weight model of one family.
+
+    Attributes:
+        arch: timm architecture name (for ``build``: the architecture it stands for).
+        args: ``timm.create_model`` keyword arguments that shrink it.
+        img_size: input size (square) the model is run at.
+        build: constructor for families whose size cannot be set through ``create_model`` (config objects, or
+            keyword arguments the factory already sets); called with ``num_classes=0``.
+        build_note: how ``build`` differs from ``arch`` (shown in the table).
+    """
+
+    arch: str
+    args: dict[str, Any] = field(default_factory=dict)
+    img_size: int = 32
+    build: Callable[..., nn.Module] | None = None
+    build_note: str = ""
+
+    def create(self) -> nn.Module:
+        """The model in eval mode, seeded (random weights are the same on every run)."""
+        torch.manual_seed(0)
+        if self.build is not None:
+            return self.build(num_classes=0).eval()
+        return timm.create_model(self.arch, pretrained=False, num_classes=0, **self.args).eval()
+
+    def describe(self) -> str:
+        if self.build is not None:
+            return f"`{self.arch}` ({self.build_note}) at {self.img_size} px"
+        args = ", ".join(f"{k}={v}" for k, v in self.args.items())
+        return f"`{self.arch}` ({args}) at {self.img_size} px" if args else f"`{self.arch}` at {self.img_size} px"
+
+
+VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+def _volo(**kw: Any) -> nn.Module:
+    from timm.models.volo import VOLO
+
+    return VOLO(img_size=64, layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(1, 2, 2, 2), **kw)
+
+
+def _nest(**kw: Any) -> nn.Module:
+    from timm.models.nest import Nest
+
+    return Nest(img_size=32, patch_size=2, embed_dims=(16, 32, 32), num_heads=(1, 2, 2), depths=(1, 1, 1), **kw)
+
+
+def _gcvit(**kw: Any) -> nn.Module:
+    from timm.models.gcvit import GlobalContextVit
+
+    return GlobalContextVit(
+        img_size=64, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2), embed_dim=16, window_size=(4, 2, 2, 2), **kw
+    )
+
+
+def _mvitv2(**kw: Any) -> nn.Module:
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    return MultiScaleVit(MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1), img_size=64, **kw)
+
+
+def _metaformer(**kw: Any) -> nn.Module:
+    from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
+
+    return MetaFormer(
+        depths=(1, 1, 1, 1),
+        dims=(16, 24, 32, 64),
+        token_mixers=(SepConv, SepConv, Attention, Attention),
+        norm_layers=(LayerNorm2dNoBias, LayerNorm2dNoBias, LayerNormNoBias, LayerNormNoBias),
+        **kw,
+    )
+
+
+def _botnet(**kw: Any) -> nn.Module:
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
+
+    blocks = (
+        ByoBlockCfg("bottle", d=1, c=32, s=1, br=0.25),
+        ByoBlockCfg("self_attn", d=1, c=64, s=2, br=0.25),
+        ByoBlockCfg("self_attn", d=1, c=64, s=2, br=0.25),
+    )
+    cfg = ByoModelCfg(
+        blocks=blocks,
+        stem_chs=16,
+        stem_type="tiered",
+        stem_pool="maxpool",
+        fixed_input_size=True,
+        self_attn_layer="bottleneck",
+    )
+    return ByobNet(cfg, img_size=64, **kw)
+
+
+SMALL_MODELS: dict[str, SmallModel] = {
+    "vision_transformer": SmallModel("vit_tiny_patch16_224", VIT),
+    "deit": SmallModel("deit_tiny_distilled_patch16_224", VIT),
+    "vision_transformer_hybrid": SmallModel("vit_tiny_r_s16_p8_224", {**VIT, "img_size": 64}, 64),
+    "beit": SmallModel("beit_base_patch16_224", VIT),
+    "eva": SmallModel("eva02_tiny_patch14_224", VIT),
+    "naflexvit": SmallModel("naflexvit_base_patch16_gap", VIT),
+    "vision_transformer_relpos": SmallModel("vit_relpos_small_patch16_224", VIT),
+    "vision_transformer_sam": SmallModel(
+        "samvit_base_patch16",
+        {**VIT, "img_size": 64, "window_size": 4, "global_attn_indexes": (1,), "neck_chans": 16},
+        64,
+    ),
+    "cait": SmallModel("cait_xxs24_224", {**VIT, "depth_token_only": 2}),
+    "xcit": SmallModel("xcit_nano_12_p8_224", {"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2}),
+    "convit": SmallModel("convit_tiny", {**VIT, "depth": 3, "local_up_to_layer": 2}),
+    "crossvit": SmallModel(
+        "crossvit_tiny_240",
+        {
+            "img_size": 48,
+            "img_scale": (1.0, 1.0),
+            "patch_size": (12, 16),
+            "embed_dim": (32, 64),
+            "depth": ((1, 1, 0), (1, 1, 0)),
+            "num_heads": (2, 2),
+            "mlp_ratio": (2, 2, 1),
+        },
+        48,
+    ),
+    "pit": SmallModel(
+        "pit_ti_distilled_224",
+        {"img_size": 64, "patch_size": 8, "stride": 4, "depth": (1, 1, 1), "heads": (1, 2, 2), "base_dims": (16,) * 3},
+        64,
+    ),
+    "tnt": SmallModel(
+        "tnt_s_patch16_224",
+        {"img_size": 32, "patch_size": 8, "embed_dim": 32, "inner_dim": 8, "depth": 2, "num_heads_outer": 2},
+    ),
+    "volo": SmallModel("volo_d1_224", img_size=64, build=_volo, build_note="VOLO with 1 block per stage, dims 16-32"),
+    "swin_transformer": SmallModel(
+        "swin_tiny_patch4_window7_224",
+        {"img_size": 32, "patch_size": 2, "window_size": 4, "depths": (2, 2), "embed_dim": 16, "num_heads": (1, 2)},
+    ),
+    "swin_transformer_v2": SmallModel(
+        "swinv2_tiny_window8_256",
+        {"img_size": 32, "patch_size": 2, "window_size": 4, "depths": (2, 2), "embed_dim": 16, "num_heads": (1, 2)},
+    ),
+    "swin_transformer_v2_cr": SmallModel(
+        "swinv2_cr_tiny_224",
+        {"img_size": (32, 32), "window_size": 4, "depths": (2, 2), "embed_dim": 16, "num_heads": (1, 2)},
+    ),
+    "pvt_v2": SmallModel(
+        "pvt_v2_b0", {"depths": (1, 1, 1, 1), "embed_dims": (16, 16, 32, 32), "num_heads": (1, 1, 2, 2)}, 64
+    ),
+    "twins": SmallModel(
+        "twins_svt_small",
+        {"img_size": 64, "depths": (1, 1, 1, 1), "embed_dims": (16, 16, 32, 32), "num_heads": (1, 1, 2, 2)},
+        64,
+    ),
+    "nest": SmallModel("nest_tiny", img_size=32, build=_nest, build_note="NesT with 1 block per level, dims 16-32"),
+    "maxxvit": SmallModel(
+        "maxvit_nano_rw_256",
+        {
+            "img_size": 64,
+            "embed_dim": (16, 32),
+            "depths": (1, 1),
+            "stem_width": 16,
+            "transformer_dim_head": 8,
+            "block_type": ("M", "M"),
+        },
+        64,
+    ),
+    "davit": SmallModel(
+        "davit_tiny", {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 32, 32), "num_heads": (1, 2, 2, 2)}, 64
+    ),
+    "mvitv2": SmallModel("mvitv2_tiny", img_size=64, build=_mvitv2, build_note="1 block per stage, dims 16-128"),
+    "hiera": SmallModel("hiera_tiny_224", {"img_size": 64, "embed_dim": 16, "stages": (1, 1, 1, 1)}, 64),
+    "gcvit": SmallModel("gcvit_xxtiny", img_size=64, build=_gcvit, build_note="1 block per stage, dims 16-128"),
+    "coat": SmallModel(
+        "coat_lite_tiny",
+        {"img_size": 64, "embed_dims": [32, 32, 32, 32], "serial_depths": [1, 1, 1, 1], "num_heads": 8},
+        64,
+    ),
+    "levit": SmallModel(
+        "levit_128s",
+        {"img_size": 128, "embed_dim": (32, 48, 64), "key_dim": 8, "num_heads": (2, 2, 2), "depth": (1, 1, 1)},
+        128,
+    ),
+    "efficientformer": SmallModel(
+        "efficientformer_l1", {"depths": (1, 1, 1, 2), "embed_dims": (16, 16, 32, 32), "num_vit": 1}, 224
+    ),
+    "tiny_vit": SmallModel(
+        "tiny_vit_5m_224",
+        {"embed_dims": [16, 16, 32, 32], "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_sizes": [2] * 4},
+        64,
+    ),
+    "mobilevit": SmallModel("mobilevit_xxs", {}, 128),
+    "vitamin": SmallModel("vitamin_small_224", {"img_size": 64, "depth": 2}, 64),
+    "byoanet": SmallModel("botnet26t_256", img_size=64, build=_botnet, build_note="BoTNet, 3 stages, 16-64 channels"),
+    "fastvit": SmallModel("fastvit_sa12", {"layers": (1, 1, 1, 1), "embed_dims": (16, 16, 32, 32)}, 64),
+    "metaformer": SmallModel(
+        "caformer_s18", img_size=64, build=_metaformer, build_note="CAFormer, 1 block per stage, dims 16-64"
+    ),
+    "hieradet_sam2": SmallModel(
+        "sam2_hiera_tiny",
+        {
+            "embed_dim": 16,
+            "num_heads": 1,
+            "stages": (1, 1, 2, 1),
+            "global_att_blocks": (3,),
+            "window_spec": (4, 4, 2, 2),
+        },
+        64,
+    ),
+    "efficientformer_v2": SmallModel(
+        "efficientformerv2_s0", {"img_size": 224, "depths": (1, 1, 1, 1), "embed_dims": (16, 16, 32, 32)}, 224
+    ),
+    "deepseek_vit": SmallModel("deepseek_vit_412m", {**VIT, "img_size": 56}, 56),
+    "qwen3_vit": SmallModel("qwen3_vit_88m", {**VIT, "img_size": 64}, 64),
+    "gemma4_vit": SmallModel("gemma4_vit_167m", {**VIT, "img_size": 64}, 64),
+    "shvit": SmallModel("shvit_s1", {"embed_dim": (32, 48, 64), "partial_dim": (8, 12, 16), "depth": (1, 1, 1)}, 128),
+    "iformer": SmallModel(
+        "iformer_t", {"dims": (16, 32, 48, 64), "depths": (1, 1, 3, 3), "attn_groups": (0, 0, 1, 1)}, 64
+    ),
+    "lowformer": SmallModel("lowformer_b0", {"width_list": [8, 16, 32, 48, 64], "depth_list": [0, 1, 1, 1, 1]}, 64),
+    "csatv2": SmallModel(
+        "csatv2", {"dims": (16, 24, 32, 48), "depths": (1, 1, 2, 2), "transformer_depths": (0, 0, 1, 1)}, 128
+    ),
+    "edgenext": SmallModel(
+        "edgenext_xx_small", {"dims": (16, 24, 32, 48), "depths": (1, 1, 2, 1), "heads": (2, 2, 2, 2)}, 64
+    ),
+    "nextvit": SmallModel("nextvit_small", {}, 64),
+    "visformer": SmallModel(
+        "visformer_tiny",
+        {"img_size": 64, "init_channels": 8, "embed_dim": 32, "depth": (1, 1, 1), "num_heads": 2, "group": 2},
+        64,
+    ),
+}
+"""timm family -> a small model of it (what the table and ``tests/test_families.py`` run)."""
+
+
+@dataclass
+class FamilyResult:
+    """What measuring one family's small model gave."""
+
+    family: str
+    status: str  # "measured" or "not measured"
+    model: str = ""
+    layers: int = 0
+    stages: int = 0
+    token_layers: int = 0
+    attention_layers: int = 0
+    note: str = ""
+
+
+def _photos(n: int = 2) -> list[Path]:
+    from oversmooth_cli.data import find_images
+
+    return sorted(find_images(PHOTOS))[:n]
+
+
+def measure_family(family: str, images: list[Path]) -> FamilyResult:
+    """Build the family's small model and run it through :func:`~oversmooth_cli.measure.measure` on the CPU."""
+    from oversmooth_cli.adapters import ADAPTERS, UNSUPPORTED
+    from oversmooth_cli.errors import UserError
+    from oversmooth_cli.measure import measure
+    from oversmooth_cli.metrics import TOKEN_METRICS
+    from oversmooth_cli.models import LoadedModel, resolve_data_config
+
+    recipe = SMALL_MODELS.get(family)
+    if recipe is None:
+        reason = UNSUPPORTED.get(family, "no small model recipe in scripts/compat_table.py")
+        return FamilyResult(family, "not measured", note=reason)
+    model = recipe.create()
+    config = {**resolve_data_config(model), "input_size": (3, recipe.img_size, recipe.img_size), "crop_pct": 1.0}
+    loaded = LoadedModel(model, recipe.arch, recipe.arch, config)
+    try:
+        result = measure(loaded, images, device="cpu", batch_size=len(images), command="scripts/compat_table.py")
+    except UserError as e:
+        return FamilyResult(family, "not measured", recipe.describe(), note=str(e))
+    layers = result.layers
+    kinds = {m: "token" if m in TOKEN_METRICS else "attention" for m in layers["metric"].unique()}
+    token = layers[layers["metric"].map(kinds) == "token"]["layer"].nunique()
+    attention = layers[layers["metric"].map(kinds) == "attention"]["layer"].nunique()
+    adapter = ADAPTERS.get(family)
+    return FamilyResult(
+        family,
+        "measured",
+        recipe.describe(),
+        layers=int(result.summary["n_layers"]),
+        stages=int(layers["stage"].nunique()),
+        token_layers=int(token),
+        attention_layers=int(attention),
+        note=adapter.notes if adapter is not None else "",
+    )
+
+
+def render(results: Iterable[FamilyResult]) -> str:
+    """The Markdown page: a summary line, the measured families, then every family not measured with the reason."""
+    results = list(results)
+    measured = [r for r in results if r.status == "measured"]
+    missing = [r for r in results if r.status != "measured"]
+    lines = [
+        "# Compatibility: timm attention families",
+        "",
+        "<!-- Generated by scripts/compat_table.py; do not edit by hand. -->",
+        "",
+        f"**{len(measured)} of {len(results)} families measured** (timm {timm.__version__}, torch "
+        f"{torch.__version__.split('+')[0]}). Each row is a real run: one small random-weight model of the family "
+        "through `oversmooth measure`'s code on the CPU, two photos from `examples/photos`.",
+        "",
+        "A *layer* is one block in execution order across stages (layer 0 is the input of the first block). "
+        "*Token layers*: layers with token metrics (`token_cosine`...); *attention layers*: layers with attention "
+        "metrics (`attention_std`...). `layers.csv` gives each layer's `stage` and `n_tokens` (patch tokens).",
+        "",
+        "| family | small model measured | layers | stages | token layers | attention layers | notes |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in measured:
+        lines.append(
+            f"| {r.family} | {r.model} | {r.layers} | {r.stages} | {r.token_layers} | {r.attention_layers} | {r.note} |"
+        )
+    lines += ["", "## Not measured", ""]
+    if missing:
+        lines += ["| family | reason |", "|---|---|"] + [f"| {r.family} | {r.note} |" for r in missing]
+    else:
+        lines.append("Every attention family above is measured.")
+    lines += [
+        "",
+        "Families without softmax self-attention (convolutional networks, MLP mixers, state-space models...) are "
+        "outside the tool's scope: `oversmooth measure` refuses them with a one-line error naming the family.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def families() -> list[str]:
+    """Every family the registry knows: measured ones first, in registry order, then the unsupported ones."""
+    from oversmooth_cli.adapters import ADAPTERS, UNSUPPORTED
+
+    return list(dict.fromkeys([*ADAPTERS, *UNSUPPORTED]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/compatibility.md is out of date")
+    parser.add_argument("--family", action="append", help="only these families (prints the table, writes nothing)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    images = _photos()
+    chosen = args.family or families()
+    results = []
+    for family in chosen:
+        r = measure_family(family, images)
+        reason = r.note if r.status != "measured" else ""
+        print(f"{family:28s} {r.status:13s} layers={r.layers} stages={r.stages} {reason}", file=sys.stderr)
+        results.append(r)
+    text = render(results)
+    if args.family:
+        print(text)
+        return 0
+    if args.check:
+        current = DOC.read_text() if DOC.exists() else ""
+        if current != text:
+            print(f"{DOC} is out of date: run python scripts/compat_table.py", file=sys.stderr)
+            return 1
+        return 0
+    from oversmooth_cli.report import atomic_write
+
+    atomic_write(DOC, lambda p: p.write_text(text))
+    print(f"wrote {DOC}: {sum(r.status == 'measured' for r in results)} of {len(results)} families measured")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

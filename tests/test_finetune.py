@@ -1,0 +1,369 @@
+"""`oversmooth finetune` end to end on real labelled digits: outputs, bad input, resume, non-finite loss, DDP (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from oversmooth_cli import finetune as FT
+from oversmooth_cli import losses as L
+from oversmooth_cli.cli import app
+from oversmooth_cli.data import build_transform, load_rgb
+from oversmooth_cli.errors import UserError
+from oversmooth_cli.metrics import token_cosine
+from oversmooth_cli.models import load_model
+from oversmooth_cli.report import LAYER_COLUMNS
+
+from .conftest import DIGITS, REPO, TINY_ARCH, tiny_cli_args
+
+pytestmark = [pytest.mark.finetune, pytest.mark.cli]
+
+runner = CliRunner()
+ARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+CLASSES = ("0", "1", "2", "3")
+COMMON = ["--epochs", "2", "--batch-size", "8", "--device", "cpu", "--lr", "2e-3", "--warmup-epochs", "0.5"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these models are tiny, and on a busy 2-core machine a second thread only spins."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ONE_EPOCH = ["--epochs", "1", *COMMON[2:]]
+
+
+def run(*args) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """40 real training digits (4 classes x 10) and 12 validation digits (4 x 3) in ImageFolder layout."""
+    root = tmp_path_factory.mktemp("digits")
+    for split, per_class in (("train", 10), ("val", 3)):
+        for c in CLASSES:
+            (root / split / c).mkdir(parents=True)
+            for p in sorted((DIGITS / split / c).glob("*.png"))[:per_class]:
+                shutil.copy(p, root / split / c / p.name)
+    return root / "train", root / "val"
+
+
+def _reference_eval(model_dir: Path, val: Path) -> tuple[float, float, Path]:
+    """Top-1 (%) and last-layer token cosine of a saved run, one image at a time, without the finetune code."""
+    loaded = load_model(str(model_dir))
+    model, transform = loaded.model.eval(), build_transform(loaded.data_config)
+    store = {}
+    hook = model.blocks[-1].register_forward_hook(lambda _m, _a, out: store.__setitem__("h", out))
+    correct, cosines = 0, []
+    with torch.no_grad():
+        for label, c in enumerate(CLASSES):
+            for p in sorted((val / c).glob("*.png")):
+                logits = model(transform(load_rgb(p))[None])
+                correct += int(logits.argmax(-1).item() == label)
+                cosines.append(token_cosine(store["h"][:, 1:].double()).item())
+    hook.remove()
+    return 100.0 * correct / len(cosines), sum(cosines) / len(cosines), Path(loaded.load_report["weights_file"])
+
+
+@pytest.fixture(scope="module")
+def full_run(digits, tmp_path_factory: pytest.TempPathFactory):
+    """One uninterrupted 2-epoch CLI run with every loss term (shared by the output and the resume tests)."""
+    train, val = digits
+    out = tmp_path_factory.mktemp("full") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = run(
+            "finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, "--loss", "cos,cons,token",
+            "--cutmix-prob", "1", *COMMON, *tiny_cli_args(ARGS),
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return out, res
+
+
+def test_cli_writes_every_output_and_measure_loads_it(digits, full_run, tmp_path):
+    val = digits[1]
+    out, res = full_run
+    assert res.exit_code == 0, res.output
+    names = {p.name for p in out.iterdir()}
+    assert names == set(FT.OUTPUT_NAMES)
+    assert "classifier head reset to 4 classes (the model had 1000)" in res.stderr
+    assert "last-layer token cosine" in res.stdout and "Wrote" in res.stdout
+
+    history = pd.read_csv(out / "history.csv")
+    assert list(history.columns) == FT.HISTORY_COLUMNS
+    assert history["epoch"].tolist() == [1, 2] and (history["cons_sim"] == "cos").all()
+    for term in ("ce", "cos", "cons", "token"):
+        assert history[f"train_{term}"].notna().all()
+    weights = {"cos": 0.5, "cons": 0.5, "token": 1.0}
+    total = history["train_ce"] + sum(w * history[f"train_{t}"] for t, w in weights.items())
+    assert history["train_loss"].tolist() == pytest.approx(total.tolist(), rel=1e-6)
+    assert history["val_top1"].between(0, 100).all() and history["val_top5"].isna().all()  # top-5 of 4 classes
+
+    for stage in ("before", "after"):
+        layers = pd.read_csv(out / stage / "layers.csv")
+        assert list(layers.columns) == LAYER_COLUMNS and (layers["n_images"] == 12).all()
+        assert {"heads.csv", "summary.json", "curves.png"} <= {p.name for p in (out / stage).iterdir()}
+    for png in ("compare.png", "training.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == TINY_ARCH and config["num_classes"] == 4
+    assert config["model_args"] == ARGS and config["label_names"] == list(CLASSES)
+    assert config["finetune"]["config"]["cons_sim"] == "cos"
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["step_in_epoch"] == 0 and state["global_step"] == 10
+    assert {"optimizer", "scheduler", "scaler", "ranks", "history"} <= set(state)
+
+    # `oversmooth measure OUT` loads the best checkpoint; its accuracy is the history's best, recomputed independently
+    top1, cosine, weights_file = _reference_eval(out, val)
+    assert weights_file.name == "checkpoint-best.safetensors"
+    best = history.loc[history["val_top1"].idxmax()]
+    assert top1 == pytest.approx(best["val_top1"])
+    after = pd.read_csv(out / "after" / "layers.csv")
+    last = after[(after.metric == "token_cosine") & (after.layer == ARGS["depth"])]["mean"].item()
+    assert history["val_token_cosine"].iloc[-1] == pytest.approx(last, abs=1e-5)  # eval == measure on the same model
+    if best["epoch"] == 2:
+        assert cosine == pytest.approx(last, abs=1e-5)
+    assert run("measure", out, val, "--out", tmp_path / "m", "-q").exit_code == 0
+
+
+def _one_line(res) -> str:
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error:"), res.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no_classes", "has no class sub-folders"),
+        ("one_class", "needs at least 2 classes"),
+        ("empty_class", "holds no images"),
+        ("unknown_loss", "unknown loss 'tokens' in --loss"),
+        ("negative_weight", "--w-cons must be >= 0, got -0.5"),
+        ("val_classes", "has other classes than"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(case, message, digits, tmp_path):
+    train, val = digits
+    extra: list[str] = []
+    if case == "no_classes":
+        train = tmp_path / "flat"
+        train.mkdir()
+        shutil.copy(next((DIGITS / "train" / "0").glob("*.png")), train / "a.png")
+    elif case == "one_class":
+        train = tmp_path / "one"
+        shutil.copytree(digits[0] / "0", train / "0")
+    elif case == "empty_class":
+        train = tmp_path / "empty"
+        shutil.copytree(digits[0], train)
+        (train / "9").mkdir()
+    elif case == "unknown_loss":
+        extra = ["--loss", "cos,tokens"]
+    elif case == "negative_weight":
+        extra = ["--w-cons", "-0.5"]
+    elif case == "val_classes":
+        val = tmp_path / "val3"
+        for c in CLASSES[:3]:
+            shutil.copytree(digits[1] / c, val / c)
+    res = run("finetune", TINY_ARCH, train, "--val-dir", val, "--out", tmp_path / "o", *extra, *tiny_cli_args(ARGS))
+    assert message in _one_line(res)
+    assert not (tmp_path / "o").exists()
+
+
+def test_stratified_split_holds_out_each_class_in_proportion(tmp_path):
+    per_class = {c: [tmp_path / f"{c}{i}.png" for i in range(n)] for c, n in (("a", 10), ("b", 21), ("c", 1))}
+    train, val = FT.stratified_split(per_class, 0.2, seed=3)
+    assert {c: len(v) for c, v in val.items()} == {"a": 2, "b": 4, "c": 0}
+    for c, paths in per_class.items():
+        assert sorted(train[c] + val[c]) == sorted(paths) and not set(train[c]) & set(val[c])
+    assert FT.stratified_split(per_class, 0.2, seed=3) == (train, val)
+    assert FT.stratified_split(per_class, 0.2, seed=4)[1] != val
+
+
+def test_shard_sampler_splits_every_epoch_into_disjoint_rank_shards():
+    shards = [FT.ShardSampler(10, seed=0, epoch=1, rank=r, world=3).indices() for r in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]
+    assert sorted(i for s in shards for i in s[:3]) == sorted(set(i for s in shards for i in s[:3]))
+    assert set().union(*map(set, shards)) == set(range(10))
+    assert FT.ShardSampler(10, 0, 1, 0, 3, skip=2).indices() == shards[0][2:]
+    assert FT.ShardSampler(10, 0, 2, 0, 1).indices() != FT.ShardSampler(10, 0, 1, 0, 1).indices()
+
+
+def _library_run(train: Path, val: Path, out: Path, **kwargs) -> FT.FinetuneResult:
+    cfg = FT.FinetuneConfig(
+        losses=("cos", "cons", "token"), epochs=2, batch_size=8, lr=2e-3, warmup_epochs=0.5, cutmix_prob=1.0
+    )
+    return FT.finetune(TINY_ARCH, train, out, cfg, val_dir=val, model_args=ARGS, device="cpu", **kwargs)
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_run(digits, full_run, tmp_path):
+    """Library run stopped by Ctrl-C mid-epoch, resumed through the CLI: bit-identical to the uninterrupted CLI run."""
+    train, val = digits
+    full, res = full_run
+    assert res.exit_code == 0, res.output
+
+    def ctrl_c(info: FT.StepInfo) -> None:  # Ctrl-C during epoch 2; the run stops after the next step
+        if (info.epoch, info.step) == (2, 1):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    part = _library_run(train, val, tmp_path / "part", on_step=ctrl_c)
+    assert part.interrupted and part.stopped_at == (2, 2)
+    assert not (tmp_path / "part" / "after").exists() and len(part.history) == 1
+    state = torch.load(tmp_path / "part" / "train_state.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 7)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    res = run(
+        "finetune", TINY_ARCH, train, "--val-dir", val, "--resume", tmp_path / "part", "--loss", "cos,cons,token",
+        "--cutmix-prob", "1", *COMMON, *tiny_cli_args(ARGS),
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "resuming" in res.stderr
+    a = load_file(str(full / "checkpoint-last.safetensors"))
+    b = load_file(str(tmp_path / "part" / "checkpoint-last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = pd.read_csv(full / "history.csv").drop(columns="seconds")
+    hb = pd.read_csv(tmp_path / "part" / "history.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(ha, hb)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(full / "after" / "layers.csv"), pd.read_csv(tmp_path / "part" / "after" / "layers.csv")
+    )
+
+
+@pytest.mark.slow
+def test_accumulation_and_workers_give_the_same_training(digits, tmp_path, monkeypatch):
+    """batch 4 x 2 accumulated micro-batches in 2 worker processes == batch 8 in the main process: same gradient
+    norms at every step (so the micro-batch losses are averaged, not summed) and the same weights."""
+    train, val = digits
+    results, norms = {}, {"plain": [], "accum": []}
+    clip = torch.nn.utils.clip_grad_norm_
+    for name, batch, accum, workers in (("plain", 8, 1, 0), ("accum", 4, 2, 2)):
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, _n=name, **k: norms[_n].append(clip(*a, **k)))
+        cfg = FT.FinetuneConfig(
+            losses=("cos", "cons", "token"), epochs=1, batch_size=batch, accum_steps=accum, drop_path=0.0,
+            cutmix=False, lr=2e-3,
+        )  # fmt: skip
+        out = tmp_path / name
+        FT.finetune(TINY_ARCH, train, out, cfg, val_dir=val, model_args=ARGS, device="cpu", workers=workers)
+        results[name] = load_file(str(out / "checkpoint-last.safetensors"))
+        assert torch.load(out / "train_state.pt", weights_only=True)["global_step"] == 5
+    assert len(norms["plain"]) == len(norms["accum"]) == 5
+    torch.testing.assert_close(torch.stack(norms["accum"]), torch.stack(norms["plain"]), rtol=1e-4, atol=1e-6)
+    for k, v in results["plain"].items():
+        torch.testing.assert_close(results["accum"][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_ctrl_c_on_the_command_line_saves_and_exits_130(digits, tmp_path, monkeypatch):
+    train, val = digits
+    real = FT._train_window
+    calls = {"n": 0}
+
+    def window_then_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        stopping = real(*args, **kwargs)
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # lands between steps 2 and 3; the run stops after step 3
+        return stopping
+
+    monkeypatch.setattr(FT, "_train_window", window_then_ctrl_c)
+    out = tmp_path / "run"
+    res = run("finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, "--loss", "none", *ONE_EPOCH,
+              *tiny_cli_args(ARGS))  # fmt: skip
+    assert res.exit_code == 130, res.output
+    assert f"Interrupted at epoch 1, step 3: saved a resumable checkpoint; continue with --resume {out}" in res.stderr
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 3, 3)
+    assert not (out / "history.csv").exists() and not (out / "after").exists()
+    monkeypatch.setattr(FT, "_train_window", real)
+    res = run("finetune", TINY_ARCH, train, "--val-dir", val, "--resume", out, "--loss", "none", *ONE_EPOCH,
+              *tiny_cli_args(ARGS))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1]
+
+
+def test_resume_refuses_other_options(digits, full_run):
+    train, val = digits
+    out = full_run[0]
+    before = (out / "train_state.pt").read_bytes()
+    slower = ["--lr", "1e-3"]  # the last --lr wins
+    res = run("finetune", TINY_ARCH, train, "--val-dir", val, "--resume", out, "--loss", "cos,cons,token",
+              "--cutmix-prob", "1", *COMMON, *slower, *tiny_cli_args(ARGS))  # fmt: skip
+    assert "lr: run used 0.002, now 0.001" in _one_line(res)
+    res = run("finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, *tiny_cli_args(ARGS))
+    assert "--overwrite" in _one_line(res)
+    assert (out / "train_state.pt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_naming_the_term_and_keeps_the_last_checkpoint(digits, tmp_path, monkeypatch):
+    train, val = digits
+    calls = {"n": 0}
+    real = L.LOSS_TERMS["cons"]
+
+    def cons_nan_in_epoch_2(t: L.TermInputs) -> torch.Tensor:
+        calls["n"] += 1
+        value = real.fn(t)
+        return value * float("nan") if calls["n"] > 5 else value  # 5 steps per epoch
+
+    monkeypatch.setitem(L.LOSS_TERMS, "cons", L.LossTerm("cons", cons_nan_in_epoch_2, 0.5, False, real.definition))
+    out = tmp_path / "run"
+    res = run("finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, "-q", *COMMON, *tiny_cli_args(ARGS))
+    line = _one_line(res)
+    assert "non-finite loss: l_cons = nan at epoch 2, step 1" in line and "--w-cons" in line
+    assert f"--resume {out}" in line
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == [1]
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (1, 5)
+    weights = load_file(str(out / "checkpoint-last.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_user_error_classes():
+    assert issubclass(FT.NonFiniteLossError, UserError)
+    assert FT.parse_losses("none") == () and FT.parse_losses(" token, cos ") == ("cos", "token")
+    with pytest.raises(UserError, match="cannot be combined"):
+        FT.parse_losses("none,cos")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_process_gloo_run_reduces_metrics_over_ranks(digits, tmp_path):
+    train, val = digits
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "oversmooth_cli", "finetune", TINY_ARCH, str(train), "--val-dir", str(val), "--out", str(out),
+        "--epochs", "1", "-b", "8", "--device", "cpu", "--cons-sim", "dot", "--cutmix-prob", "1", "-q",
+        *tiny_cli_args(ARGS),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == set(FT.OUTPUT_NAMES)  # rank 0 wrote, no temporary files left
+    history = pd.read_csv(out / "history.csv")
+    assert len(history) == 1 and history["cons_sim"].item() == "dot"
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2 and state["global_step"] == 3  # 20 images per rank
+    # validation was sharded 6 + 6 and summed: it equals one process scoring all 12 images
+    top1, cosine, _ = _reference_eval(out, val)
+    assert history["val_top1"].item() == pytest.approx(top1)
+    assert history["val_token_cosine"].item() == pytest.approx(cosine, abs=1e-5)
+    assert (pd.read_csv(out / "after" / "layers.csv")["n_images"] == 12).all()
