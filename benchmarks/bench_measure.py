@@ -257,6 +257,7 @@ def current_rss_mib() -> float:
 
 
 def rss_rows(args: argparse.Namespace) -> list[dict]:
+    """Median (over ``--rss-repeats`` fresh processes) of the peak RSS for N and for 10 N images."""
     out = []
     for n in (args.rss_images, 10 * args.rss_images):
         cmd = [sys.executable, __file__, "--rss-child", str(n), "--model", args.model, "--images", str(args.images)]
@@ -268,8 +269,12 @@ def rss_rows(args: argparse.Namespace) -> list[dict]:
             "--threads",
             str(args.threads),
         ]
-        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        runs = []
+        for _ in range(args.rss_repeats):
+            res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        row = {key: statistics.median(r[key] for r in runs) for key in ("peak_mib", "measuring_mib", "before_mib", "s")}
+        out.append({**row, "images": runs[0]["images"], "runs": runs})
     return out
 
 
@@ -321,9 +326,13 @@ def print_table(rows: list[dict], rss: list[dict], args: argparse.Namespace) -> 
     if rss:
         small, big = rss
         for key, what in (("peak_mib", "peak RSS of the process"), ("measuring_mib", "largest RSS after a batch")):
+            spread = " / ".join(
+                f"{min(r[key] for r in x['runs']):.0f}..{max(r[key] for r in x['runs']):.0f}" for x in rss
+            )
             print(
-                f"{what}: {small['images']} images {small[key]:.0f} MiB, {big['images']} images {big[key]:.0f} MiB, "
-                f"ratio {big[key] / small[key]:.3f}   [target <= 1.05]"
+                f"{what} (median of {len(small['runs'])} processes): {small['images']} images {small[key]:.0f} MiB, "
+                f"{big['images']} images {big[key]:.0f} MiB, ratio {big[key] / small[key]:.3f}   [target <= 1.05] "
+                f"(ranges {spread})"
             )
         print(f"(RSS with the model loaded, before measuring: {small['before_mib']:.0f} MiB)")
 
@@ -350,6 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-images", type=int, default=64, help="images in row 4 (the folder's images, cycled)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers for row 4 and the RSS runs")
     p.add_argument("--rss-images", type=int, default=32, help="N for the peak RSS runs (N and 10 N); 0 skips them")
+    p.add_argument("--rss-repeats", type=int, default=3, help="fresh processes per RSS figure (median)")
     p.add_argument("--channels-last", action="store_true", help="row 2 with channels_last")
     p.add_argument("--compile", action="store_true", help="row 2 with torch.compile")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import os
 import re
 import shlex
 import sys
@@ -23,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, UserError
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, EXIT_INTERNAL, UserError
 
 __all__ = ["app", "main"]
 
@@ -42,6 +43,18 @@ err_console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def one_line(message: str) -> str:
+    """The message itself, also when a DataLoader worker wrapped it in a traceback (its last line)."""
+    if "Traceback (most recent call last)" in message:
+        last = [ln for ln in message.strip().splitlines() if ln.strip()][-1]
+        message = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
+    return " ".join(message.split())
+
+
+def _error_line(message: str) -> None:
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False)
+
+
 def handle_errors(fn: F) -> F:
     """Map library exceptions to one-line messages and exit codes (the one place this happens)."""
 
@@ -50,11 +63,23 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False)
+            _error_line(one_line(str(e)))
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except OSError as e:  # unreadable input or unwritable output: the user can fix it
+            where = f" {e.filename}" if getattr(e, "filename", None) else ""
+            _error_line(f"cannot access{where}: {e.strerror or e}; check the path and its permissions")
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]Interrupted[/]: nothing half-written was left behind.", highlight=False)
             raise typer.Exit(130) from None
+        except Exception as e:
+            if os.environ.get("OVERSMOOTH_DEBUG") or type(e).__module__.split(".")[0] in ("typer", "click"):
+                raise  # typer.Exit / BadParameter carry their own exit codes
+            _error_line(
+                f"internal error {type(e).__name__}: {one_line(str(e))} "
+                "(a bug: rerun with OVERSMOOTH_DEBUG=1 for the traceback and report it)"
+            )
+            raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -98,7 +123,7 @@ ModelArg = Annotated[
     str,
     typer.Argument(
         help="timm model name (random weights unless --pretrained), a checkpoint file "
-        "(.pth/.pt/.bin/.safetensors), or a folder with config.json + weights.",
+        "(.pth/.pt/.bin/.safetensors/.ckpt), or a folder with config.json + weights.",
         show_default=False,
     ),
 ]
@@ -382,9 +407,7 @@ def measure_cmd(
     ] = False,
     per_head: Annotated[
         bool,
-        typer.Option(
-            "--per-head", help="Also write heads_<metric>.png, a heads x layers heatmap per attention metric."
-        ),
+        typer.Option("--per-head", help="Also write heads_METRIC.png, a heads x layers heatmap per attention metric."),
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout and nothing else.")] = False,
     quiet: QuietOpt = False,
@@ -403,7 +426,7 @@ def measure_cmd(
     Writes into --out: **layers.csv** (token_cosine for layers 0..L, attention_std for layers 1..L: mean, std and
     95% CI over images), **heads.csv** (attention_std per layer and head), **summary.json** and **curves.png**.
     `--metrics all` adds rank collapse, effective rank, |cosine|, class-patch cosine, layer CKA, attention
-    entropy, distance and cross-layer similarity; `--per-head` adds **heads_<metric>.png** heatmaps.
+    entropy, distance and cross-layer similarity; `--per-head` adds **heads_METRIC.png** heatmaps.
 
     Rising token cosine similarity and falling attention std with depth are the signature of over-smoothing.
 

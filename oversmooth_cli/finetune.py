@@ -791,14 +791,19 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], out: Path) -
         raise UserError(f"--resume {out}: options differ from the saved run ({shown}); pass the run's options")
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an unusable --out before any work (nothing is deleted here)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} is a file; give a folder with --out")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"output folder {out} exists and is not empty; pass --overwrite, --resume {out}, or another --out"
-            )
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(
+            f"output folder {out} exists and is not empty; pass --overwrite, --resume {out}, or another --out"
+        )
+
+
+def _prepare_out(out: Path) -> None:
+    """Remove a previous run's outputs (only once the new run's model and data were accepted)."""
+    if out.is_dir():
         for name in OUTPUT_NAMES:
             p = out / name
             if p.is_dir():
@@ -945,7 +950,7 @@ def finetune(
     if state is not None:
         _check_same_run(state["run"], run_record, out)
     elif D.is_main():
-        _prepare_out(out, overwrite)
+        _check_out(out, overwrite)
 
     _seed_everything(cfg.seed)
     load_kwargs = {
@@ -969,6 +974,8 @@ def finetune(
             f"{', '.join(L.TOKEN_HEAD_PATHS)}); use --loss cos,cons"
         )
     patch, n_patches = _patch_grid(net_module, loaded.data_config) if cfg.losses or cfg.use_cutmix else (None, None)
+    if state is None and D.is_main():
+        _prepare_out(out)
 
     world, rank = D.world_size(), D.rank()
     train_set = LabelledImages(train_samples, train_transform(loaded.data_config, cfg), seed=cfg.seed)

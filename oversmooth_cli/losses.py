@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import EPS, token_cosine
+from .metrics import EPS, to_float, token_cosine
 
 __all__ = [
     "LOSS_TERMS",
@@ -65,11 +65,6 @@ SIMILARITIES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = 
 """``--cons-sim`` choices: ``cos`` (default; bounded, does not saturate) or ``dot`` (the paper's raw form)."""
 
 
-def _float(x: torch.Tensor) -> torch.Tensor:
-    """Loss arithmetic in float32 or wider, whatever the autocast dtype of the forward pass."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 # -- the three losses -----------------------------------------------------------------------------------------
 def l_cos(h: torch.Tensor) -> torch.Tensor:
     """Mean over images of ``1/(n(n-1)) sum_{i != j} cos(h_i, h_j)``: the ``token_cosine`` metric, differentiable.
@@ -94,8 +89,8 @@ def l_cons(e: torch.Tensor, h: torch.Tensor, sim: str = "cos", grad_first: bool 
     if sim not in SIMILARITIES:
         raise ValueError(f"unknown similarity {sim!r}; choose from {', '.join(SIMILARITIES)}")
     fn = SIMILARITIES[sim]
-    anchor = _float(e if grad_first else e.detach())
-    deep = _float(h)
+    anchor = to_float(e if grad_first else e.detach())
+    deep = to_float(h)
     positive = fn(anchor, deep)  # (B, n)
     negative = fn(anchor, deep.mean(dim=-2, keepdim=True).expand_as(deep))  # (B, n)
     return (torch.logaddexp(positive, negative) - positive).mean()
@@ -103,7 +98,7 @@ def l_cons(e: torch.Tensor, h: torch.Tensor, sim: str = "cos", grad_first: bool 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``-sum_c y_c log softmax(z)_c`` over the last dimension, one value per row (no reduction)."""
-    return -(targets * F.log_softmax(_float(logits), dim=-1)).sum(dim=-1)
+    return -(targets * F.log_softmax(to_float(logits), dim=-1)).sum(dim=-1)
 
 
 def l_token(token_logits: torch.Tensor, patch_targets: torch.Tensor) -> torch.Tensor:

@@ -339,8 +339,11 @@ def measure(
     skipped = [s for part in D.all_gather_objects(skipped) for s in part]
     seconds = time.perf_counter() - start
     n_images = acc.n_images
-    if n_images == 0:
+    if n_images == 0 and skipped:
         raise UserError(f"none of the {len(paths)} images could be read (first error: {skipped[0]['reason']})")
+    if n_images == 0:
+        reasons = "; ".join(f"{name}: {why}" for name, why in unavailable.items()) or "no layer gave a value"
+        raise UserError(f"no selected metric applies to this model ({reasons}); choose others with --metrics")
 
     layer_df = pd.DataFrame(list(acc.layer_rows()), columns=LAYER_COLUMNS)
     info = {layer.index: layer for layer in layers}

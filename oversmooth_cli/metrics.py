@@ -66,7 +66,7 @@ Z_95 = 1.959963984540054
 """Two-sided 95% normal quantile used for the confidence interval of a mean over images."""
 
 
-def _float(x: torch.Tensor) -> torch.Tensor:
+def to_float(x: torch.Tensor) -> torch.Tensor:
     """Metric arithmetic is float32 or wider, whatever the model's autocast dtype."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -84,7 +84,7 @@ def token_cosine(tokens: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     Returns:
         ``(...)`` one similarity per image, in ``[-1/(n-1), 1]``.
     """
-    x = _float(tokens)
+    x = to_float(tokens)
     n = x.shape[-2]
     if n < 2:
         raise ValueError(f"token_cosine needs at least 2 tokens per image, got {n}")
@@ -103,7 +103,7 @@ def attention_row_std(probs: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(..., Q)``. A uniform row gives 0; a one-hot row gives ``sqrt(K - 1) / K``.
     """
-    return _float(probs).std(dim=-1, correction=0)
+    return to_float(probs).std(dim=-1, correction=0)
 
 
 def attention_std(probs: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ def rank_collapse(tokens: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     Returns:
         ``(...)`` in ``[0, 1]``: 0 when every token is the same vector, 1 when the tokens average to zero.
     """
-    x = _float(tokens)
+    x = to_float(tokens)
     residual = x - x.mean(dim=-2, keepdim=True)
     return residual.pow(2).sum(dim=(-2, -1)).sqrt() / x.pow(2).sum(dim=(-2, -1)).sqrt().clamp_min(eps)
 
@@ -134,8 +134,9 @@ def effective_rank(tokens: torch.Tensor) -> torch.Tensor:
     """Effective rank (Roy and Vetterli 2007) of the centred token matrix: ``exp(-sum_k p_k log p_k)``.
 
     ``p_k = s_k / sum_j s_j`` are the normalised singular values of ``X - 1 mean(X)^T``; ``0 log 0 = 0``. A matrix
-    whose tokens are all equal (centred matrix zero, or of rank one through rounding) gives 1, the bottom of the
-    range. One batched ``torch.linalg.svdvals`` on the tokens' device, in float32 (or float64 for float64 input).
+    whose tokens are exactly equal (centred matrix zero) gives 1, the bottom of the range. The value ignores scale:
+    tokens equal up to tiny noise still give the rank of that noise, so read it beside ``rank_collapse``. One batched
+    ``torch.linalg.svdvals`` on the tokens' device, in float32 (or float64 for float64 input).
 
     Args:
         tokens: ``(..., n, d)``.
@@ -143,7 +144,7 @@ def effective_rank(tokens: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(...)`` in ``[1, min(n, d)]``.
     """
-    x = _float(tokens)
+    x = to_float(tokens)
     with torch.autocast(device_type=x.device.type, enabled=False):
         s = torch.linalg.svdvals(x - x.mean(dim=-2, keepdim=True))
     p = s / s.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
@@ -164,7 +165,7 @@ def token_abs_cosine(tokens: torch.Tensor, eps: float = EPS, max_elements: int =
     Returns:
         ``(...)`` in ``[0, 1]`` (at least ``1/n`` when no token is zero).
     """
-    u = F.normalize(_float(tokens), dim=-1, eps=eps)
+    u = F.normalize(to_float(tokens), dim=-1, eps=eps)
     n = u.shape[-2]
     images = math.prod(u.shape[:-2])
     chunk = max(1, max_elements // max(1, images * n))
@@ -186,8 +187,8 @@ def cls_patch_cosine(cls_token: torch.Tensor, patches: torch.Tensor, eps: float 
     Returns:
         ``(...)`` in ``[-1, 1]``.
     """
-    c = F.normalize(_float(cls_token), dim=-1, eps=eps)
-    u = F.normalize(_float(patches), dim=-1, eps=eps)
+    c = F.normalize(to_float(cls_token), dim=-1, eps=eps)
+    u = F.normalize(to_float(patches), dim=-1, eps=eps)
     return (u.sum(dim=-2) * c).sum(dim=-1) / u.shape[-2]
 
 
@@ -208,7 +209,7 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, eps: float = EPS) -> torch.Tens
     """
     if x.shape[-2] != y.shape[-2]:
         raise ValueError(f"linear_cka needs the same tokens in both matrices, got {x.shape[-2]} and {y.shape[-2]}")
-    xs, ys = (_float(t) - _float(t).mean(dim=-2, keepdim=True) for t in (x, y))
+    xs, ys = (to_float(t) - to_float(t).mean(dim=-2, keepdim=True) for t in (x, y))
     xs, ys = (t / t.pow(2).sum(dim=(-2, -1), keepdim=True).sqrt().clamp_min(eps) for t in (xs, ys))
     n = xs.shape[-2]
     if n <= min(xs.shape[-1], ys.shape[-1]):
@@ -231,7 +232,7 @@ def attention_row_entropy(probs: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(..., Q)`` in ``[0, log K]``: 0 for a one-hot row, ``log K`` for a uniform one.
     """
-    p = _float(probs)
+    p = to_float(probs)
     return -torch.special.xlogy(p, p).sum(dim=-1)
 
 
@@ -258,9 +259,9 @@ def attention_row_distance(probs: torch.Tensor, distances: torch.Tensor) -> torc
     Returns:
         ``(..., Q)`` in pixels.
     """
-    d = _float(distances)
+    d = to_float(distances)
     valid = torch.isfinite(d)
-    w = _float(probs) * valid
+    w = to_float(probs) * valid
     weighted = (w * torch.where(valid, d, torch.zeros((), dtype=d.dtype, device=d.device))).sum(dim=-1)
     return weighted / w.sum(dim=-1).clamp_min(torch.finfo(w.dtype).tiny)
 
@@ -276,7 +277,7 @@ def attention_column_sums(prev: torch.Tensor, cur: torch.Tensor) -> tuple[torch.
         ``(dot, prev_sq, cur_sq)``, each ``(..., K)``: ``sum_i prev_it cur_it``, ``sum_i prev_it^2`` and
         ``sum_i cur_it^2``.
     """
-    a, b = _float(prev), _float(cur)
+    a, b = to_float(prev), to_float(cur)
     return (a * b).sum(dim=-2), a.pow(2).sum(dim=-2), b.pow(2).sum(dim=-2)
 
 
@@ -605,12 +606,12 @@ def iter_attention_probs(
     S = k.shape[-2]
     chunk = max(1, max_elements // max(1, B * H * S))
     with torch.autocast(device_type=q.device.type, enabled=False):
-        kt = _float(k).transpose(-2, -1)
+        kt = to_float(k).transpose(-2, -1)
         for start in range(query_start, T, chunk):
             stop = min(T, start + chunk)
-            logits = (_float(q[:, :, start:stop]) * scale) @ kt
+            logits = (to_float(q[:, :, start:stop]) * scale) @ kt
             if bias is not None:
-                logits = logits + _float(bias[..., start:stop, :])
+                logits = logits + to_float(bias[..., start:stop, :])
             yield logits.softmax(dim=-1)
 
 

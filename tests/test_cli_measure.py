@@ -191,3 +191,50 @@ def test_python_m_and_help_in_a_subprocess():
     assert out.returncode == 0 and "--batch-size" in out.stdout and "token_cosine" in out.stdout
     out = subprocess.run([sys.executable, "-m", "oversmooth_cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("oversmooth ")
+
+
+def test_no_applicable_metric_is_bad_input(few_images, tmp_path):
+    res = run(
+        "measure",
+        "test_vit2",
+        few_images,
+        "--model-arg",
+        "img_size=32",
+        "--metrics",
+        "cls_patch_cosine",
+        "--out",
+        tmp_path / "o",
+        "-q",
+    )
+    assert res.exit_code == 2 and "no selected metric applies" in res.stderr and "class token" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_unwritable_output_is_exit_2_and_a_bug_is_exit_3(tiny_folder, few_images, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = run("measure", tiny_folder, few_images, "--out", blocker / "run", "-q")
+    assert res.exit_code == 2 and "cannot access" in res.stderr and "Traceback" not in res.output
+
+    import oversmooth_cli.measure as M
+
+    def boom(*_a, **_k):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(M, "measure_batches", boom)
+    res = run("measure", tiny_folder, few_images, "--out", tmp_path / "bug", "-q")
+    assert res.exit_code == 3, "a crash must never look like a failed check (1) or bad input (2)"
+    assert "internal error RuntimeError: simulated bug" in res.stderr and "OVERSMOOTH_DEBUG" in res.stderr
+    assert not (tmp_path / "bug").exists()
+
+
+def test_worker_traceback_is_reduced_to_its_message():
+    from oversmooth_cli.cli import one_line
+
+    wrapped = (
+        "Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    raise UserError(m)\n'
+        "oversmooth_cli.errors.UserError: cannot read image a.png: OSError: broken\n"
+    )
+    assert one_line(wrapped) == "cannot read image a.png: OSError: broken"
+    assert one_line("plain\nmessage") == "plain message"

@@ -367,3 +367,36 @@ def test_two_process_gloo_run_reduces_metrics_over_ranks(digits, tmp_path):
     assert history["val_top1"].item() == pytest.approx(top1)
     assert history["val_token_cosine"].item() == pytest.approx(cosine, abs=1e-5)
     assert (pd.read_csv(out / "after" / "layers.csv")["n_images"] == 12).all()
+
+
+def test_overwrite_keeps_the_previous_run_when_the_new_one_is_refused(digits, tmp_path):
+    out = tmp_path / "prev"
+    out.mkdir()
+    (out / "history.csv").write_text("epoch\n1\n")
+    train, val = digits
+    res = run("finetune", "vit_tiny_patch16_22", train, "--val-dir", val, "--out", out, "--overwrite")
+    assert "unknown timm model" in _one_line(res)
+    assert (out / "history.csv").read_text() == "epoch\n1\n", "a refused run must not delete the previous outputs"
+
+
+def test_unreadable_training_image_in_a_worker_is_one_line(digits, tmp_path):
+    train = tmp_path / "train"
+    shutil.copytree(digits[0], train)
+    (train / "0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    res = run(
+        "finetune",
+        TINY_ARCH,
+        train,
+        "--val-dir",
+        digits[1],
+        "--out",
+        tmp_path / "o",
+        "--workers",
+        "1",
+        "--epochs",
+        "1",
+        *tiny_cli_args(ARGS),
+    )
+    assert res.exit_code == 2, res.output
+    error = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(error) == 1 and "broken.png" in error[0] and "Traceback" not in res.stderr
