@@ -132,7 +132,7 @@ def compare_runs(
     return CompareResult(runs, labels, relative_depth, table, notes)
 
 
-def plot_compare(result: CompareResult, ci: bool = False):
+def plot_compare(result: CompareResult, ci: bool = False, title: str | None = None):
     """One panel per metric, one line per run (with its 95% interval over images shaded when ``ci``)."""
     import matplotlib.pyplot as plt
 
@@ -158,7 +158,7 @@ def plot_compare(result: CompareResult, ci: bool = False):
     for ax in list(axes.flat)[len(metrics) :]:
         ax.set_visible(False)
     shaded = " (shaded: 95% CI over images)" if ci else ""
-    fig.suptitle(f"oversmooth compare: {len(result.runs)} runs{shaded}", fontsize=10)
+    fig.suptitle(f"{title or f'oversmooth compare: {len(result.runs)} runs'}{shaded}", fontsize=10)
     return fig
 
 

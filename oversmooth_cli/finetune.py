@@ -43,12 +43,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import distributed as D
 from . import losses as L
 from .adapters import FamilyAdapter, UnsupportedModelError, resolve_adapter
+from .compare import compare_runs, plot_compare
 from .data import IMAGE_EXTENSIONS, build_transform, load_rgb
 from .errors import UserError
 from .measure import measure, resolve_device, write_run
 from .metrics import token_cosine
 from .models import LoadedModel, load_model
-from .report import METRIC_LABELS, atomic_write, metric_order, read_layers, save_figure, write_json
+from .report import METRIC_LABELS, atomic_write, read_layers, save_figure, write_json
 
 __all__ = [
     "HISTORY_COLUMNS",
@@ -59,7 +60,6 @@ __all__ = [
     "discover_classes",
     "finetune",
     "parse_losses",
-    "plot_compare",
     "plot_training",
     "stratified_split",
 ]
@@ -814,29 +814,6 @@ def _prepare_out(out: Path) -> None:
 
 
 # -- figures -------------------------------------------------------------------------------------------------------
-def plot_compare(before: pd.DataFrame, after: pd.DataFrame, title: str | None = None):
-    """One panel per metric: the before and after per-layer means with their 95% bands."""
-    import matplotlib.pyplot as plt
-
-    metrics = metric_order(set(before["metric"]) | set(after["metric"]))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
-    for i, (ax, metric) in enumerate(zip(axes.flat, metrics, strict=True)):
-        for label, df, color in (("before", before, "C0"), ("after", after, "C3")):
-            d = df[df["metric"] == metric].sort_values("layer")
-            ax.plot(d["layer"], d["mean"], marker="o", ms=3.5, lw=1.6, color=color, label=label)
-            ax.fill_between(d["layer"], d["ci95_low"], d["ci95_high"], color=color, alpha=0.2, lw=0)
-        ax.set_title(f"({chr(ord('a') + i)}) {METRIC_LABELS.get(metric, metric)}", loc="left", fontsize=11)
-        ax.set_xlabel("layer (0 = block input)")
-        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    return fig
-
-
 def plot_training(history: pd.DataFrame, title: str | None = None):
     """Loss terms, validation accuracy and last-layer token cosine per epoch."""
     import matplotlib.pyplot as plt
@@ -1066,7 +1043,8 @@ def finetune(
     if D.is_main():
         write_run(after, out / "after", overwrite=True)
         title = f"{loaded.name} · {len(val_paths)} val images · losses: {', '.join(cfg.losses) or 'none'}"
-        save_figure(plot_compare(before_layers, after.layers, title), out / "compare.png")
+        runs = compare_runs([out / "before", out / "after"], labels=["before", "after"])
+        save_figure(plot_compare(runs, ci=True, title=title), out / "compare.png")
     return result
 
 
