@@ -189,7 +189,10 @@ def forward_rows(args: argparse.Namespace, img_size: int, wanted: set[str]) -> l
     passes: dict[str, tuple[str, Callable[[list[torch.Tensor]], object]]] = {
         "1": ("1 bare timm forward (fused attention, no hooks)", lambda b: bare_pass(model, b)),
         "2": ("2 oversmooth metric pass", lambda b: oversmooth_pass(model, b, **opts)),
-        "2s": ("2s oversmooth, --attention-tap softmax", lambda b: oversmooth_pass(model, b, attention_tap="softmax")),
+        "2s": (
+            "2s oversmooth, --attention-tap softmax",
+            lambda b: oversmooth_pass(model, b, attention_tap="softmax", **opts),
+        ),
         "3": ("3 naive hand-written pass", lambda b: naive_pass(model, b)),
     }
     rows: dict[str, Row] = {
@@ -269,9 +272,12 @@ def rss_rows(args: argparse.Namespace) -> list[dict]:
             "--threads",
             str(args.threads),
         ]
+        env = dict(os.environ)
+        if args.rss_mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.rss_mmap_threshold)  # glibc: fixed threshold, no heap growth
         runs = []
         for _ in range(args.rss_repeats):
-            res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
             runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
         row = {key: statistics.median(r[key] for r in runs) for key in ("peak_mib", "measuring_mib", "before_mib", "s")}
         out.append({**row, "images": runs[0]["images"], "runs": runs})
@@ -334,7 +340,8 @@ def print_table(rows: list[dict], rss: list[dict], args: argparse.Namespace) -> 
                 f"{big['images']} images {big[key]:.0f} MiB, ratio {big[key] / small[key]:.3f}   [target <= 1.05] "
                 f"(ranges {spread})"
             )
-        print(f"(RSS with the model loaded, before measuring: {small['before_mib']:.0f} MiB)")
+        allocator = f"MALLOC_MMAP_THRESHOLD_={args.rss_mmap_threshold}" if args.rss_mmap_threshold else "default malloc"
+        print(f"(RSS with the model loaded, before measuring: {small['before_mib']:.0f} MiB; {allocator})")
 
 
 def cpu_name() -> str:
@@ -360,6 +367,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers for row 4 and the RSS runs")
     p.add_argument("--rss-images", type=int, default=32, help="N for the peak RSS runs (N and 10 N); 0 skips them")
     p.add_argument("--rss-repeats", type=int, default=3, help="fresh processes per RSS figure (median)")
+    p.add_argument(
+        "--rss-mmap-threshold",
+        type=int,
+        metavar="BYTES",
+        help="run the RSS processes with MALLOC_MMAP_THRESHOLD_=BYTES (glibc; e.g. 1048576)",
+    )
     p.add_argument("--channels-last", action="store_true", help="row 2 with channels_last")
     p.add_argument("--compile", action="store_true", help="row 2 with torch.compile")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")

@@ -282,7 +282,11 @@ def command_line() -> str:
     ctx = _current_context()
     if ctx is None:
         return shlex.join(["oversmooth", *sys.argv[1:]])
-    words = ["oversmooth", *ctx.command_path.split()[1:]]
+    names, parent = [], ctx
+    while parent.parent is not None:  # sub-command names, whatever the program was called (python -m, torchrun)
+        names.insert(0, parent.info_name)
+        parent = parent.parent
+    words = ["oversmooth", *names]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         value = value.value if isinstance(value, Enum) else value

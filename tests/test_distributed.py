@@ -119,19 +119,8 @@ def _rank_main(rank: int, world: int, port: int, paths: dict[str, str], result_d
 
     M.build_loader = recording_loader
     try:
-        args = [
-            "measure",
-            paths["model"],
-            paths["folder"],
-            "--out",
-            paths["out"],
-            "--device",
-            "cpu",
-            "-b",
-            "2",
-            "--json",
-        ]
-        cli = CliRunner().invoke(app, args)
+        args = ["measure", paths["model"], paths["folder"], "--out", paths["out"], "--device", "cpu", "-b", "2"]
+        cli = CliRunner().invoke(app, [*args, "--json"])
         joined = dist.is_initialized() and dist.get_world_size() == world
         one = M.measure(paths["model"], paths["one"], device="cpu", batch_size=2, command="spawned")
         result = {
