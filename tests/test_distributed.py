@@ -58,6 +58,23 @@ def assert_same_tables(got: pd.DataFrame, want: pd.DataFrame, keys: list[str]) -
     pd.testing.assert_frame_equal(got[stats], want[stats], check_exact=False, rtol=1e-5, atol=1e-9)
 
 
+def assert_two_rank_run_equals_one_process(summary, out, tmp_path, folders, image_dir, tiny_folder):
+    """Rank 0's run folder and summary: 7 of 8 images measured once, the broken one listed, tables equal to one
+    process; returns that one-process result."""
+    assert {p.name for p in out.iterdir()} == RUN_FILES
+    assert sorted(p.name for p in tmp_path.iterdir()) == folders
+    assert summary["run"]["world_size"] == 2
+    assert summary["images"]["found"] == summary["images"]["selected"] == 8
+    assert summary["images"]["measured"] == 7 and summary["images"]["skipped"] == 1
+    assert [s["path"] for s in summary["images"]["skipped_files"]] == [str(image_dir / "broken.jpg")]
+    single = measure(str(tiny_folder), image_dir, device="cpu", batch_size=3, command="one process")
+    assert single.summary["run"]["world_size"] == 1
+    assert_same_tables(pd.read_csv(out / "layers.csv"), single.layers, KEYS)
+    assert_same_tables(pd.read_csv(out / "heads.csv"), single.heads, [*KEYS, "head"])
+    assert (pd.read_csv(out / "layers.csv")["n_images"] == 7).all()
+    return single
+
+
 # -- sharding ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 8])
@@ -82,18 +99,9 @@ def test_torchrun_two_processes_equal_one_process(tmp_path: Path, tiny_folder: P
 
     # Rank 0 alone prints and writes: one JSON document on stdout, one complete run folder, no staging leftovers.
     summary = json.loads(res.stdout)
-    assert {p.name for p in out.iterdir()} == RUN_FILES
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "run", "tiny-vit"]
-    assert summary["run"]["world_size"] == 2
-    assert summary["images"]["found"] == summary["images"]["selected"] == 8
-    assert summary["images"]["measured"] == 7 and summary["images"]["skipped"] == 1
-    assert [s["path"] for s in summary["images"]["skipped_files"]] == [str(image_dir / "broken.jpg")]
-
-    single = measure(str(tiny_folder), image_dir, device="cpu", batch_size=3, command="one process")
-    assert single.summary["run"]["world_size"] == 1
-    assert_same_tables(pd.read_csv(out / "layers.csv"), single.layers, KEYS)
-    assert_same_tables(pd.read_csv(out / "heads.csv"), single.heads, [*KEYS, "head"])
-    assert (pd.read_csv(out / "layers.csv")["n_images"] == 7).all()
+    single = assert_two_rank_run_equals_one_process(
+        summary, out, tmp_path, ["images", "run", "tiny-vit"], image_dir, tiny_folder
+    )
     assert summary["layers"].keys() == single.summary["layers"].keys()
 
 
@@ -158,18 +166,9 @@ def test_two_ranks_shard_once_sum_and_only_rank0_writes(tmp_path: Path, tiny_fol
     # Rank 0 alone prints and writes: one JSON summary, one complete run folder, no staging leftovers.
     assert ranks[1]["stdout"] == ""
     summary = json.loads(ranks[0]["stdout"])
-    assert {p.name for p in out.iterdir()} == RUN_FILES
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "results", "run", "tiny-vit"]
-    assert summary["run"]["world_size"] == 2
-    assert summary["images"]["found"] == summary["images"]["selected"] == 8
-    assert summary["images"]["measured"] == 7 and summary["images"]["skipped"] == 1
-    assert [s["path"] for s in summary["images"]["skipped_files"]] == [str(image_dir / "broken.jpg")]
-
-    single = measure(str(tiny_folder), image_dir, device="cpu", batch_size=3, command="one process")
-    assert single.summary["run"]["world_size"] == 1
-    assert_same_tables(pd.read_csv(out / "layers.csv"), single.layers, KEYS)
-    assert_same_tables(pd.read_csv(out / "heads.csv"), single.heads, [*KEYS, "head"])
-    assert (pd.read_csv(out / "layers.csv")["n_images"] == 7).all()
+    assert_two_rank_run_equals_one_process(
+        summary, out, tmp_path, ["images", "results", "run", "tiny-vit"], image_dir, tiny_folder
+    )
 
     single_one = measure(str(tiny_folder), paths["one"], device="cpu", command="one process")
     for r in ranks:  # every rank ends with the summed statistics
