@@ -4,10 +4,12 @@ Rows (same model, same in-memory batches, same process; rows are interleaved wit
 hits them alike; each figure is the median over repeats):
 
 1. ``bare``: the model as timm builds it (fused attention on, no hooks), ``forward_features`` under inference mode.
-2. ``oversmooth``: :func:`oversmooth_cli.measure.measure_batches` on the same batches (hooks, chunked attention
-   statistics from q and k, O(n d) token cosine, one device-to-host copy per batch, float64 accumulators).
-   ``2s`` is the same with ``attention_tap="softmax"`` (unfused attention, statistics from the model's own
-   probabilities).
+2. ``oversmooth``: :func:`oversmooth_cli.measure.measure_batches` on the same batches with the default
+   ``attention_tap="auto"`` (on CPU ``inline``: each attention computed once, unfused, in reused memory, and its
+   probabilities measured; O(n d) token cosine; one device-to-host copy per batch; float64 accumulators).
+   ``2q`` is the same with ``attention_tap="qk"`` (the model keeps its fused kernel, the statistics recompute
+   ``softmax(q k^T)`` in query chunks: the GPU default), ``2s`` with ``attention_tap="softmax"`` (the model's own
+   unfused path).
 3. ``naive``: a pass as a user would hand-write it: hooks keeping every block's tokens, an ``n x n`` cosine matrix
    per image and layer, unfused softmax attention kept for every layer, values moved to the host per layer.
 4. ``measure`` end to end on an image folder (:func:`oversmooth_cli.measure.measure`, decoding included) next to
@@ -23,6 +25,9 @@ Run from the repository root::
 
     python benchmarks/bench_measure.py                       # 224 px, all rows, RSS on 32 and 320 images
     python benchmarks/bench_measure.py --img-size 384 --batch-size 8 --rows 1,2,3 --rss-images 0
+    # decode-bound row 4: a small model on one thread, large PNGs decoded by one worker process
+    python benchmarks/bench_measure.py --model vit_tiny_patch16_224 --threads 1 --rows 2,4 --e2e-upscale 2048 \
+        --rss-images 0
     python benchmarks/bench_measure.py --repeats 2 --rows 1,2 --rss-images 0     # a quick look
 """
 
@@ -46,6 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from oversmooth_cli.capture import OversmoothingCapture
 from oversmooth_cli.data import build_loader, find_images
 from oversmooth_cli.measure import measure, measure_batches
 from oversmooth_cli.metrics import OversmoothingAccumulator
@@ -174,6 +180,24 @@ def replicate(source: Path, n: int, folder: Path) -> Path:
     return listing
 
 
+def upscaled(source: Path, side: int, folder: Path) -> Path:
+    """PNG copies of the images of ``source`` resized to ``side`` px on their longer side (slow to decode: PNG has no
+    reduced-scale decoding), for a decode-bound row 4."""
+    from PIL import Image
+
+    from oversmooth_cli.data import load_rgb
+
+    out = folder / f"upscaled-{side}"
+    out.mkdir(exist_ok=True)
+    for i, path in enumerate(find_images(source)):
+        img = load_rgb(path)
+        factor = side / max(img.size)
+        img.resize((round(img.width * factor), round(img.height * factor)), Image.Resampling.BICUBIC).save(
+            out / f"{i:03d}.png"
+        )
+    return out
+
+
 def build(model_name: str, img_size: int) -> LoadedModel:
     torch.manual_seed(0)
     return load_model(model_name, pretrained=False, model_args={"img_size": img_size})
@@ -188,7 +212,8 @@ def forward_rows(args: argparse.Namespace, img_size: int, wanted: set[str]) -> l
     opts = {"channels_last": args.channels_last, "compile": args.compile} if args.library_opts else {}
     passes: dict[str, tuple[str, Callable[[list[torch.Tensor]], object]]] = {
         "1": ("1 bare timm forward (fused attention, no hooks)", lambda b: bare_pass(model, b)),
-        "2": ("2 oversmooth metric pass", lambda b: oversmooth_pass(model, b, **opts)),
+        "2": ("2 oversmooth metric pass (auto tap)", lambda b: oversmooth_pass(model, b, **opts)),
+        "2q": ("2q oversmooth, --attention-tap qk", lambda b: oversmooth_pass(model, b, attention_tap="qk", **opts)),
         "2s": (
             "2s oversmooth, --attention-tap softmax",
             lambda b: oversmooth_pass(model, b, attention_tap="softmax", **opts),
@@ -203,6 +228,13 @@ def forward_rows(args: argparse.Namespace, img_size: int, wanted: set[str]) -> l
     if "2" in wanted and "3" in wanted:
         diff = max_abs_diff(oversmooth_pass(model, little), naive_pass(model, little))
         print(f"[img_size {img_size}] oversmooth vs naive per-layer means: max |diff| = {diff:.2e}", file=sys.stderr)
+    if "2" in wanted:  # the auto tap may compute attention itself: the features must agree up to float rounding
+        with torch.inference_mode():
+            fused = model.forward_features(little[0])
+            with OversmoothingCapture(model):
+                tapped = model.forward_features(little[0])
+        diff = (tapped - fused).abs().max().item()
+        print(f"[img_size {img_size}] features with oversmooth vs bare: max |diff| = {diff:.2e}", file=sys.stderr)
     n_images = args.batch_size * args.batches
     return [summarise(name, img_size, n_images, s) for name, s in interleaved(rows, args.repeats).items()]
 
@@ -210,9 +242,10 @@ def forward_rows(args: argparse.Namespace, img_size: int, wanted: set[str]) -> l
 def e2e_rows(args: argparse.Namespace, tmp: Path) -> list[dict]:
     img_size = args.img_size[0]
     loaded = build(args.model, img_size)
-    listing = replicate(args.images, args.e2e_images, tmp)
+    source = upscaled(args.images, args.e2e_upscale, tmp) if args.e2e_upscale else args.images
+    listing = replicate(source, args.e2e_images, tmp)
     paths = find_images(listing)
-    little = replicate(args.images, 2, tmp)
+    little = replicate(source, 2, tmp)
 
     def end_to_end(source: Path) -> None:
         measure(loaded, source, device="cpu", batch_size=args.batch_size, workers=args.workers, command="bench")
@@ -297,7 +330,13 @@ def ratio_lines(rows: list[dict], args: argparse.Namespace) -> list[str]:
 
     lines = []
     for size in args.img_size:
-        for a, b, note in (("2", "1", "target >= 0.92"), ("2s", "1", ""), ("2", "3", ""), ("3", "1", "")):
+        for a, b, note in (
+            ("2", "1", "target >= 0.92"),
+            ("2q", "1", ""),
+            ("2s", "1", ""),
+            ("2", "3", ""),
+            ("3", "1", ""),
+        ):
             value = ratio(a, b, size)
             if value:
                 lines.append(f"({a})/({b}) at {size}: {value}" + (f"   [{note}]" if note else ""))
@@ -361,9 +400,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--batches", type=int, default=1, help="in-memory batches per timed pass (rows 1-3)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per row (the median is reported)")
-    p.add_argument("--rows", default="1,2,2s,3,4", help="comma-separated rows to run (1,2,2s,3,4)")
+    p.add_argument("--rows", default="1,2,2q,2s,3,4", help="comma-separated rows to run (1,2,2q,2s,3,4)")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="image folder for row 4 and the RSS runs")
     p.add_argument("--e2e-images", type=int, default=64, help="images in row 4 (the folder's images, cycled)")
+    p.add_argument(
+        "--e2e-upscale",
+        type=int,
+        metavar="PX",
+        help="row 4 on PNG copies of the images upscaled to PX on the longer side (a decode-bound case)",
+    )
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers for row 4 and the RSS runs")
     p.add_argument("--rss-images", type=int, default=32, help="N for the peak RSS runs (N and 10 N); 0 skips them")
     p.add_argument("--rss-repeats", type=int, default=3, help="fresh processes per RSS figure (median)")
@@ -392,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     wanted = set(args.rows.split(","))
     rows: list[dict] = []
     for size in args.img_size:
-        if wanted & {"1", "2", "2s", "3"}:
+        if wanted & {"1", "2", "2q", "2s", "3"}:
             rows += forward_rows(args, size, wanted)
     with tempfile.TemporaryDirectory() as tmp:
         if "4" in wanted:

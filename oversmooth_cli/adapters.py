@@ -22,6 +22,11 @@ through an :class:`AttentionTap`:
   attention (input of ``attn_drop``, output of a post-softmax head-mixing conv), for families whose weights are not
   a single softmax (ConViT's gated positional attention, CaiT's and EfficientFormer-V2's talking heads).
 
+With ``attention_tap="inline"`` the ``qk_norm`` and ``intercept`` taps answer the module's SDPA call themselves:
+the attention is computed once, unfused, in query chunks that reuse one scratch buffer, and its probabilities are
+measured on the way (no second ``q k^T``; the fastest tap on CPU, where ``auto`` picks it). Calls it cannot take
+(dropout, autograd) run as in ``qk`` mode.
+
 With ``attention_tap="softmax"`` every tap switches ``fused_attn`` off and reads the probabilities the model itself
 computes (at ``attn_drop``, or at the softmax call); slower, used to check the default path.
 
@@ -44,6 +49,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "ADAPTERS",
     "ATTENTION_TAPS",
+    "AUTO_TAP",
     "TAPS",
     "UNSUPPORTED",
     "AttentionTap",
@@ -54,13 +60,27 @@ __all__ = [
     "UnsupportedModelError",
     "architecture_families",
     "family_support",
+    "inline_inputs",
     "model_family",
     "register_adapter",
     "resolve_adapter",
+    "resolve_attention_tap",
     "sdpa_inputs",
 ]
 
-ATTENTION_TAPS = ("qk", "softmax")
+ATTENTION_TAPS = ("auto", "qk", "inline", "softmax")
+"""``--attention-tap`` values; ``auto`` is resolved per device by :func:`resolve_attention_tap`."""
+
+AUTO_TAP = {"cpu": "inline"}
+"""``auto`` per device type (default ``qk``): on CPU computing the attention once beats the fused kernel plus a second
+``q k^T`` (``benchmarks/bench_measure.py``); on GPUs the fused kernel is kept for the forward pass."""
+
+
+def resolve_attention_tap(tap: str, device: torch.device | str) -> str:
+    """The tap ``tap`` means on ``device``: ``auto`` becomes :data:`AUTO_TAP`'s entry, others stay as they are."""
+    if tap not in ATTENTION_TAPS:
+        raise ValueError(f"attention_tap must be one of {ATTENTION_TAPS}, got {tap!r}")
+    return AUTO_TAP.get(torch.device(device).type, "qk") if tap == "auto" else tap
 
 
 class UnsupportedModelError(ValueError):
@@ -71,6 +91,9 @@ QKCallback = Callable[[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"]
 """``on_qk(q, k, scale, bias)``: ``(B', H, T, dh)`` queries and keys, ``bias`` broadcastable to ``(B', H, T, S)``."""
 ProbsCallback = Callable[[torch.Tensor], None]
 """``on_probs(probs)``: ``(B', H, T, S)`` attention weights as the model applies them."""
+AttendCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], torch.Tensor]
+"""``on_attend(q, k, v, scale, bias)`` (``inline`` mode): ``(B', H, T, dh)`` queries, keys and values, returns the
+attention output ``(B', H, T, dv)`` computed (and measured) by the capture, or ``None`` to let the call run."""
 Undo = Callable[[], None]
 
 
@@ -111,6 +134,35 @@ def _fused_off(attn: nn.Module) -> Undo:
     return undo
 
 
+def _sdpa_call(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of one ``scaled_dot_product_attention`` call by name."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    return {**dict(zip(names, args, strict=False)), **kwargs}
+
+
+def inline_inputs(args: tuple, kwargs: dict, heads: int, heads_dim: int = -3) -> tuple | None:
+    """``q, k, v, scale, bias`` (heads first, as :func:`sdpa_inputs`) of an SDPA call the ``inline`` tap can answer
+    itself, else ``None``: calls with dropout, and calls that build an autograd graph (the capture computes without
+    gradients), run as they are."""
+    call = _sdpa_call(args, kwargs)
+    grad = torch.is_grad_enabled() and any(call[n].requires_grad for n in ("query", "key", "value"))
+    if grad or call.get("dropout_p"):
+        return None
+    q4, k4, scale, bias = sdpa_inputs(args, kwargs, heads, heads_dim)
+    v4 = _heads_first(call["value"], heads, heads_dim)
+    if v4.shape[1] != q4.shape[1]:
+        v4 = v4.repeat_interleave(q4.shape[1] // v4.shape[1], dim=1)
+    return q4, k4, v4, scale, bias
+
+
+def _heads_first_inverse(out: torch.Tensor, like: torch.Tensor, heads_dim: int = -3) -> torch.Tensor:
+    """``(B', H, T, dv)`` -> the layout SDPA gives for queries shaped like ``like`` (undoes :func:`_heads_first`)."""
+    if like.dim() >= 4:
+        moved = like.movedim(heads_dim, -3).shape
+        return out.reshape(*moved[:-1], out.shape[-1]).movedim(-3, heads_dim).contiguous()
+    return out.reshape(*like.shape[:-1], out.shape[-1])
+
+
 def sdpa_inputs(
     args: tuple, kwargs: dict, heads: int, heads_dim: int = -3
 ) -> tuple[torch.Tensor, torch.Tensor, float, Any]:
@@ -119,8 +171,7 @@ def sdpa_inputs(
     A boolean mask (``True`` = attend) becomes ``0`` / ``-inf``; ``is_causal`` becomes the causal mask; grouped
     keys (``enable_gqa``) are repeated to the query heads. The bias keeps its broadcast shape where it can.
     """
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    call = {**dict(zip(names, args, strict=False)), **kwargs}
+    call = _sdpa_call(args, kwargs)
     q, k, mask = call["query"], call["key"], call.get("attn_mask")
     scale = call.get("scale")
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
@@ -147,14 +198,28 @@ _SOFTMAX = (torch.Tensor.softmax, F.softmax, torch.softmax)
 
 
 class _AttentionIntercept(TorchFunctionMode):
-    """Active only while one attention module runs: reports its first SDPA call, or else its first softmax."""
+    """Active only while one attention module runs: reports its first SDPA call, or else its first softmax.
 
-    def __init__(self, on_sdpa: Callable[[tuple, dict], None], on_softmax: Callable[[torch.Tensor], None] | None):
+    With ``on_attend``, the first SDPA call is answered by ``on_attend(args, kwargs)`` instead (``None``: not taken,
+    the call runs and is reported as usual).
+    """
+
+    def __init__(
+        self,
+        on_sdpa: Callable[[tuple, dict], None],
+        on_softmax: Callable[[torch.Tensor], None] | None,
+        on_attend: Callable[[tuple, dict], torch.Tensor | None] | None = None,
+    ):
         super().__init__()
-        self.on_sdpa, self.on_softmax, self.done = on_sdpa, on_softmax, False
+        self.on_sdpa, self.on_softmax, self.on_attend, self.done = on_sdpa, on_softmax, on_attend, False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.on_attend is not None and not self.done and func is F.scaled_dot_product_attention:
+            out = self.on_attend(args, kwargs)
+            if out is not None:
+                self.done = True
+                return out
         out = func(*args, **kwargs)
         if not self.done:
             if func is F.scaled_dot_product_attention:
@@ -166,12 +231,17 @@ class _AttentionIntercept(TorchFunctionMode):
         return out
 
 
-def _intercept(attn: nn.Module, on_sdpa: Callable[[tuple, dict], None], on_softmax: Callable | None) -> list:
+def _intercept(
+    attn: nn.Module,
+    on_sdpa: Callable[[tuple, dict], None],
+    on_softmax: Callable | None,
+    on_attend: Callable[[tuple, dict], torch.Tensor | None] | None = None,
+) -> list:
     """Enter an :class:`_AttentionIntercept` for every forward of ``attn`` (left again even if the forward fails)."""
     active: list[_AttentionIntercept] = []
 
     def enter(_m, _args):
-        mode = _AttentionIntercept(on_sdpa, on_softmax)
+        mode = _AttentionIntercept(on_sdpa, on_softmax, on_attend)
         mode.__enter__()
         active.append(mode)
 
@@ -188,11 +258,18 @@ class AttentionTap:
     name = "base"
 
     def install(
-        self, attn: nn.Module, mode: str, on_qk: QKCallback, on_probs: ProbsCallback, heads_dim: int = -3
+        self,
+        attn: nn.Module,
+        mode: str,
+        on_qk: QKCallback,
+        on_probs: ProbsCallback,
+        heads_dim: int = -3,
+        on_attend: AttendCallback | None = None,
     ) -> tuple[list, Undo]:
-        """Hook ``attn`` for ``mode`` ``qk`` or ``softmax``; returns the hook handles and an undo function.
+        """Hook ``attn`` for ``mode`` ``qk``, ``inline`` or ``softmax``; returns the hook handles and an undo function.
 
-        ``heads_dim`` says where the heads are in the module's attention tensors (see :class:`Group`).
+        ``heads_dim`` says where the heads are in the module's attention tensors (see :class:`Group`); ``on_attend``
+        answers SDPA calls in ``inline`` mode (taps without a fused path to take read the weights as usual).
         """
         raise NotImplementedError
 
@@ -213,10 +290,18 @@ class QKNormTap(AttentionTap):
     name = "qk_norm"
 
     def install(
-        self, attn: nn.Module, mode: str, on_qk: QKCallback, on_probs: ProbsCallback, heads_dim: int = -3
+        self,
+        attn: nn.Module,
+        mode: str,
+        on_qk: QKCallback,
+        on_probs: ProbsCallback,
+        heads_dim: int = -3,
+        on_attend: AttendCallback | None = None,
     ) -> tuple[list, Undo]:
         if mode == "softmax":
             return self.softmax(attn, on_probs, heads_dim)
+        if mode == "inline":
+            return TAPS["intercept"].install(attn, mode, on_qk, on_probs, heads_dim, on_attend)
         missing = [a for a in ("q_norm", "k_norm", "scale") if not hasattr(attn, a)]
         if missing:
             raise UnsupportedModelError(f"{type(attn).__name__} lacks {', '.join(missing)} for the qk_norm tap")
@@ -237,15 +322,30 @@ class InterceptTap(AttentionTap):
     name = "intercept"
 
     def install(
-        self, attn: nn.Module, mode: str, on_qk: QKCallback, on_probs: ProbsCallback, heads_dim: int = -3
+        self,
+        attn: nn.Module,
+        mode: str,
+        on_qk: QKCallback,
+        on_probs: ProbsCallback,
+        heads_dim: int = -3,
+        on_attend: AttendCallback | None = None,
     ) -> tuple[list, Undo]:
         if mode == "softmax":
             return self.softmax(attn, on_probs, heads_dim)
         heads = _num_heads(attn)
+        attend = None
+        if mode == "inline" and on_attend is not None:
+
+            def attend(args: tuple, kwargs: dict) -> torch.Tensor | None:
+                taken = inline_inputs(args, kwargs, heads, heads_dim)
+                out = None if taken is None else on_attend(*taken)
+                return None if out is None else _heads_first_inverse(out, _sdpa_call(args, kwargs)["query"], heads_dim)
+
         return _intercept(
             attn,
             lambda args, kwargs: on_qk(*sdpa_inputs(args, kwargs, heads, heads_dim)),
             lambda probs: on_probs(_heads_first(probs, heads, heads_dim)),
+            attend,
         ), lambda: None
 
 
@@ -260,7 +360,13 @@ class WeightsTap(AttentionTap):
         self.name, self.submodule, self.output = submodule, submodule, output
 
     def install(
-        self, attn: nn.Module, mode: str, on_qk: QKCallback, on_probs: ProbsCallback, heads_dim: int = -3
+        self,
+        attn: nn.Module,
+        mode: str,
+        on_qk: QKCallback,
+        on_probs: ProbsCallback,
+        heads_dim: int = -3,
+        on_attend: AttendCallback | None = None,
     ) -> tuple[list, Undo]:
         where = getattr(attn, self.submodule, None)
         if not isinstance(where, nn.Module):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,12 +18,12 @@ import torch
 from torch import nn
 
 from .adapters import (
-    ATTENTION_TAPS,
     BlockSpec,
     FamilyAdapter,
     UnsupportedModelError,
     model_family,
     resolve_adapter,
+    resolve_attention_tap,
 )
 from .metrics import (
     ATTENTION_METRICS,
@@ -104,6 +105,11 @@ def patch_geometry(model: nn.Module) -> PatchGeometry | None:
     return PatchGeometry(grid, stride, bool(getattr(model, "dynamic_img_size", False)))
 
 
+def _float32(device: torch.device) -> torch.autocast:
+    """Autocast off: attention statistics (and the ``inline`` attention) are computed in float32 under ``--amp``."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 TokenFeed = Callable[["OversmoothingCapture", torch.Tensor, torch.Tensor, "torch.Tensor | None"], "tuple | None"]
 """``feed(capture, all_tokens, measured_tokens, previous_measured_tokens)`` -> the metric's arguments, or ``None``."""
 
@@ -131,7 +137,9 @@ class OversmoothingCapture:
         model: a timm model in eval mode.
         token_metrics: names from :data:`~oversmooth_cli.metrics.TOKEN_METRICS`.
         attention_metrics: names from :data:`~oversmooth_cli.metrics.ATTENTION_METRICS`.
-        attention_tap: ``qk`` (keeps fused attention) or ``softmax`` (unfused, reads probabilities).
+        attention_tap: ``qk`` (fused attention kept, statistics recomputed from q and k), ``inline`` (the capture
+            computes each attention once and measures its probabilities), ``softmax`` (the model's unfused path), or
+            ``auto``: ``inline`` on CPU, ``qk`` elsewhere (see :mod:`oversmooth_cli.adapters`).
         adapter: override the registered adapter.
         max_elements: chunk budget for attention probabilities and ``n x n`` token matrices (elements per chunk).
         include_prefix: token metrics that allow it measure all tokens, prefix tokens (class, distillation,
@@ -147,18 +155,17 @@ class OversmoothingCapture:
         model: nn.Module,
         token_metrics: Sequence[str] = ("token_cosine",),
         attention_metrics: Sequence[str] = ("attention_std",),
-        attention_tap: str = "qk",
+        attention_tap: str = "auto",
         adapter: FamilyAdapter | None = None,
         max_elements: int = 1 << 24,
         include_prefix: bool = False,
     ) -> None:
-        if attention_tap not in ATTENTION_TAPS:
-            raise ValueError(f"attention_tap must be one of {ATTENTION_TAPS}, got {attention_tap!r}")
         self.model = model
+        device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+        self.attention_tap = resolve_attention_tap(attention_tap, device)
         self.adapter = adapter or resolve_adapter(model)
         self.token_metrics = {n: TOKEN_METRICS[n] for n in token_metrics}
         self.attention_metrics = {n: ATTENTION_METRICS[n] for n in attention_metrics}
-        self.attention_tap = attention_tap
         self.max_elements = max_elements
         self.include_prefix = include_prefix
         self.prefix = self.adapter.num_prefix_tokens(model)
@@ -185,6 +192,7 @@ class OversmoothingCapture:
         self._handles: list = []
         self._undo: list[Callable[[], None]] = []
         self._pending = _Pending()
+        self._scratch_memory: dict[str, torch.Tensor] = {}
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def _on_tokens(self, layer: int, tokens: torch.Tensor) -> None:
@@ -290,7 +298,7 @@ class OversmoothingCapture:
             positions: ``(T, 2)`` or ``(B, T, 2)`` token positions in input pixels, ``NaN`` for tokens without one
                 (e.g. windows of a windowed model); default: the model's patch grid, prefix tokens ``NaN``.
         """
-        with torch.no_grad():
+        with torch.no_grad(), _float32(q.device):
             q, k = q.detach(), k.detach()
             bias = None if bias is None else bias.detach()
             if positions is None:
@@ -305,9 +313,61 @@ class OversmoothingCapture:
             self._prev_attention = (layer, "qk", q, k, scale, bias) if self._keep_attention else None
             self._reduce_rows(layer, chunk(q, k, scale, bias), prev_chunks, positions)
 
+    def _scratch(self, slot: str, n: int, device: torch.device) -> torch.Tensor:
+        """``n`` float32 elements of memory ``slot``, reused by every ``inline`` attention (grown when too small)."""
+        memory = self._scratch_memory.get(slot)
+        if memory is None or memory.numel() < n or memory.device != device:
+            memory = self._scratch_memory[slot] = torch.empty(n, device=device)
+        return memory[:n]
+
+    def _on_attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        scale: float,
+        v: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``inline`` tap: the attention output ``softmax(q k^T * scale + bias) v``, measured on the way.
+
+        Query chunks are computed in the scratch memory; each chunk's rows past the prefix feed the row metrics
+        before its values are applied to ``v``. The output has ``v``'s dtype.
+        """
+        with torch.no_grad(), _float32(q.device):
+            if positions is None:
+                positions = self._token_positions(q.shape[-2], q.device)
+            outputs: list[torch.Tensor] = []
+
+            def measured(q_, k_, s_, b_, apply_to=None, scratch=None) -> Iterator[torch.Tensor]:
+                """Probability chunks from query 0 (so that two layers chunk alike), past the prefix rows; each
+                chunk is first applied to ``apply_to`` (the values) when given."""
+                start = 0
+                for probs in iter_attention_probs(q_, k_, s_, bias=b_, max_elements=self.max_elements, scratch=scratch):
+                    if apply_to is not None:
+                        outputs.append(probs @ apply_to)
+                    if start + probs.shape[-2] > self.prefix:
+                        yield probs[:, :, max(0, self.prefix - start) :]
+                    start += probs.shape[-2]
+
+            prev = self._previous(layer, "qk", q.shape) if self._keep_attention else None
+            prev_chunks = None
+            if prev is not None and prev[3].shape == k.shape:
+                prev_chunks = measured(prev[2], prev[3], prev[4], prev[5])
+            self._prev_attention = (layer, "qk", q, k, scale, bias) if self._keep_attention else None
+            scratch = functools.partial(self._scratch, device=q.device)
+            values = scratch("v", v.numel()).view(v.shape).copy_(v)
+            current = measured(q, k, scale, bias, values, scratch)
+            self._reduce_rows(layer, current, prev_chunks, positions)
+            for _ in current:  # every query chunk feeds the output, measured or not
+                pass
+            out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
+            return out.to(v.dtype)
+
     def _on_probs(self, layer: int, probs: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Attention metrics from softmax probabilities ``(B, H, T, S)`` read from an unfused model."""
-        with torch.no_grad():
+        with torch.no_grad(), _float32(probs.device):
             rows = probs.detach().float()[:, :, self.prefix :]
             if positions is None:
                 positions = self._token_positions(probs.shape[-1], probs.device)
@@ -359,17 +419,16 @@ class OversmoothingCapture:
         with self._layer_scope(spec.prefix, self._model_geometry):
             self._on_tokens(layer, tokens)
 
-    def _attention_hook(
-        self, layer: int, spec: BlockSpec, keys: int, on: Callable, x: torch.Tensor, *args: Any
-    ) -> None:
-        """Call ``on(layer, x, *args)`` (:meth:`_on_qk` or :meth:`_on_probs`) for ``(B * windows, H, T, .)`` input;
+    def _attention_hook(self, layer: int, spec: BlockSpec, keys: int, on: Callable, x: torch.Tensor, *args: Any) -> Any:
+        """Call ``on(layer, x, *args)`` (:meth:`_on_qk`, :meth:`_on_attend` or :meth:`_on_probs`) for
+        ``(B * windows, H, T, .)`` input and return what it returns (``None`` when there is nothing to measure);
         per-window values are averaged into one per image (every window has the same number of query rows)."""
         if not spec.group.tokens:
             self._n_tokens[layer] = keys - spec.prefix
         if keys < 2:  # e.g. MobileViT's last stage on a tiny image: one patch per sequence, nothing to spread over
             for name in self.attention_metrics:
                 self.unavailable.setdefault(name, f"layer {layer} ({spec.name}) attends over {keys} key(s)")
-            return
+            return None
         windows, rest = divmod(x.shape[0], self._images or x.shape[0])
         if rest:
             raise UnsupportedModelError(
@@ -378,11 +437,12 @@ class OversmoothingCapture:
             )
         on_grid = self.adapter.patch_grid and windows == 1
         with self._layer_scope(spec.query_prefix, self._model_geometry if on_grid else None):
-            on(layer, x, *args)
+            result = on(layer, x, *args)
         if windows > 1:
             for store in (self._pending.layers, self._pending.heads):
                 for key in [k for k in store if k[1] == layer and k[0] in self.attention_metrics]:
                     store[key] = store[key].unflatten(0, (-1, windows)).mean(dim=1)
+        return result
 
     def __enter__(self) -> OversmoothingCapture:
         self._model_geometry = self.geometry
@@ -412,6 +472,9 @@ class OversmoothingCapture:
                     ),
                     lambda p, layer=i, spec=spec: self._attention_hook(layer, spec, p.shape[-1], self._on_probs, p),
                     spec.group.heads_dim,
+                    lambda q, k, v, scale, bias, layer=i, spec=spec: self._attention_hook(
+                        layer, spec, k.shape[-2], lambda *a: self._on_attend(*a, v=v, bias=bias), q, k, scale
+                    ),
                 )
                 self._handles.extend(handles)
                 self._undo.append(undo)
@@ -433,6 +496,7 @@ class OversmoothingCapture:
         self._undo.clear()
         self._pending = _Pending()
         self._prev_tokens = self._prev_attention = None
+        self._scratch_memory = {}
 
     def pop_batch(self) -> tuple[dict[tuple[str, int], torch.Tensor], dict[tuple[str, int], torch.Tensor]]:
         """Per-image values of the last forward pass, on the CPU (one device-to-host copy), then cleared.

@@ -115,7 +115,9 @@ def _root(
 
 # -- shared options (reused by every command that loads a model) --------------------------------------------------
 class Tap(str, Enum):
+    auto = "auto"
     qk = "qk"
+    inline = "inline"
     softmax = "softmax"
 
 
@@ -391,9 +393,12 @@ def measure_cmd(
         Tap,
         typer.Option(
             "--attention-tap",
-            help="qk: keep fused attention and compute statistics from q and k; softmax: unfused, read probabilities.",
+            help="How attention is read. auto: inline on CPU, qk on GPUs. qk: the model keeps its fused kernel and the "
+            "statistics are recomputed from q and k. inline: oversmooth computes each attention once, unfused, and "
+            "measures it (fastest on CPU). softmax: the model's own unfused path (a reference). All give the same "
+            "values up to float rounding.",
         ),
-    ] = Tap.qk,
+    ] = Tap.auto,
     metrics: Annotated[
         str,
         typer.Option(

@@ -173,7 +173,7 @@ def measure_batches(
     device: torch.device,
     amp: bool = False,
     metrics: str | Sequence[str] = DEFAULT_METRICS,
-    attention_tap: str = "qk",
+    attention_tap: str = "auto",
     on_batch: Callable[[int, list[tuple[int, str]]], None] | None = None,
     include_prefix: bool = False,
     unavailable: dict[str, str] | None = None,
@@ -190,13 +190,14 @@ def measure_batches(
         device: where the forward runs.
         amp: bf16 autocast on CUDA (metric arithmetic stays float32).
         metrics: names of token and attention metrics, or presets (see :func:`parse_metrics`).
-        attention_tap: ``qk`` or ``softmax`` (see :mod:`oversmooth_cli.capture`).
+        attention_tap: ``auto``, ``qk``, ``inline`` or ``softmax`` (see :mod:`oversmooth_cli.adapters`).
         on_batch: ``on_batch(n_images_in_batch, failures)`` after each batch.
         include_prefix: token metrics measure prefix tokens too (``--include-prefix``).
         unavailable: filled with ``{metric: reason}`` for selected metrics the model cannot give.
         channels_last: run the model and the images in ``torch.channels_last`` memory format (restored after).
         compile: ``torch.compile`` the forward pass; falls back to eager with one warning line if that fails.
-        run_info: filled with ``{"compiled": bool}`` (whether the compiled forward was used to the end).
+        run_info: filled with ``{"compiled": bool, "attention_tap": str}`` (whether the compiled forward was used to
+            the end; the tap ``auto`` resolved to).
     """
     token_metrics, attention_metrics = _split_metrics(metrics)
     acc = OversmoothingAccumulator()
@@ -226,6 +227,7 @@ def measure_batches(
                 unavailable.update(cap.unavailable)
             if run_info is not None:
                 run_info["compiled"] = forward.compiled is not None
+                run_info["attention_tap"] = cap.attention_tap
             return acc, cap.layers
     finally:
         if channels_last:
@@ -250,7 +252,7 @@ def measure(
     strict: bool = False,
     metrics: str | Sequence[str] = DEFAULT_METRICS,
     include_prefix: bool = False,
-    attention_tap: str = "qk",
+    attention_tap: str = "auto",
     progress: ProgressFn | None = None,
     command: str | None = None,
     channels_last: bool = False,
@@ -274,7 +276,8 @@ def measure(
         metrics: metric names or presets, e.g. ``"all"`` or ``["default", "effective_rank"]`` (default:
             ``token_cosine``, ``attention_std``; see :func:`parse_metrics`).
         include_prefix: token metrics measure the prefix tokens (class, distillation, registers) too.
-        attention_tap: ``qk`` (fused attention kept) or ``softmax`` (unfused, probabilities read directly).
+        attention_tap: ``auto`` (``inline`` on CPU, ``qk`` on GPUs), ``qk`` (fused attention kept, statistics from
+            q and k), ``inline`` (attention computed once by the capture) or ``softmax`` (the model's unfused path).
         progress: ``progress(done, total)`` after each batch (on rank 0 only).
         command: the command line to record in the summary.
         channels_last: run in ``torch.channels_last`` memory format (can help convolutional stems on GPUs).
@@ -375,7 +378,7 @@ def measure(
             "amp": bool(amp and dev.type == "cuda"),
             "batch_size": batch_size,
             "workers": workers,
-            "attention_tap": attention_tap,
+            "attention_tap": run_info.get("attention_tap", attention_tap),
             "channels_last": channels_last,
             "compile": compile,
             "compiled": run_info.get("compiled", False),

@@ -15,6 +15,7 @@ registry): :func:`linear_cka` on token matrices, and :func:`attention_column_sum
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -94,16 +95,25 @@ def token_cosine(tokens: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     return pairs / (n * (n - 1))
 
 
-def attention_row_std(probs: torch.Tensor) -> torch.Tensor:
+def attention_row_std(probs: torch.Tensor, block_elements: int = 1 << 20) -> torch.Tensor:
     """Population standard deviation of each attention row over its keys.
 
     Args:
         probs: ``(..., Q, K)`` softmax attention, each row summing to 1.
+        block_elements: rows are taken in blocks of about this many elements (the temporaries stay small).
 
     Returns:
         ``(..., Q)``. A uniform row gives 0; a one-hot row gives ``sqrt(K - 1) / K``.
+
+    Two passes, ``|p - mean(p)| / sqrt(K)``: exact for rows that do not sum to 1 (talking heads, gated attention),
+    and on CPU about 4x faster than ``Tensor.std`` (which the tests check it against).
     """
-    return to_float(probs).std(dim=-1, correction=0)
+    p = to_float(probs)
+    if p.dim() < 2:
+        return attention_row_std(p.unsqueeze(0), block_elements).squeeze(0)
+    rows = max(1, block_elements * p.shape[-2] // max(1, p.numel()))
+    norms = [torch.linalg.vector_norm(b - b.mean(dim=-1, keepdim=True), dim=-1) for b in p.split(rows, dim=-2)]
+    return (norms[0] if len(norms) == 1 else torch.cat(norms, dim=-1)) / math.sqrt(p.shape[-1])
 
 
 def attention_std(probs: torch.Tensor) -> torch.Tensor:
@@ -585,11 +595,16 @@ def iter_attention_probs(
     query_start: int = 0,
     bias: torch.Tensor | None = None,
     max_elements: int = 1 << 24,
+    scratch: Callable[[str, int], torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield softmax attention rows ``softmax(q k^T * scale + bias)`` for chunks of queries, in float32.
 
     The full ``(B, H, Q, K)`` probability tensor never exists at once: each chunk holds at most about
     ``max_elements`` values. Autocast is switched off so the logits are float32 on every device.
+    With ``scratch`` (``(slot, n) ->`` ``n`` float32 elements of reusable memory), the scaled queries, the keys and
+    every chunk (softmax in place) live in that memory, so a chunk is valid only until the next one is asked for and
+    nothing large is allocated (on CPU, fresh allocations of tens of MB cost page faults that outweigh the
+    arithmetic).
 
     Args:
         q: ``(B, H, T, dh)`` queries, after any q-norm / rotary embedding the model applies.
@@ -598,6 +613,7 @@ def iter_attention_probs(
         query_start: first query row to yield (e.g. ``num_prefix_tokens`` to skip class tokens).
         bias: optional additive logit bias broadcastable to ``(B, H, T, S)`` (relative position bias).
         max_elements: chunk budget in probability elements.
+        scratch: memory to compute the chunks in (see above).
 
     Yields:
         ``(B, H, c, S)`` probabilities for consecutive query chunks covering rows ``query_start..T-1``.
@@ -605,14 +621,31 @@ def iter_attention_probs(
     B, H, T, _ = q.shape
     S = k.shape[-2]
     chunk = max(1, max_elements // max(1, B * H * S))
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        kt = to_float(k).transpose(-2, -1)
-        for start in range(query_start, T, chunk):
-            stop = min(T, start + chunk)
-            logits = (to_float(q[:, :, start:stop]) * scale) @ kt
+    no_autocast = functools.partial(torch.autocast, device_type=q.device.type, enabled=False)
+    with no_autocast():
+        kt = (to_float(k) if scratch is None else _copy_to(scratch, "k", k)).transpose(-2, -1)
+    for start in range(query_start, T, chunk):
+        stop = min(T, start + chunk)
+        with no_autocast():  # never held across a yield: the caller's autocast state is its own between chunks
+            if scratch is None:
+                logits = (to_float(q[:, :, start:stop]) * scale) @ kt
+            else:
+                qc = torch.mul(q[:, :, start:stop], scale, out=_slot(scratch, "q", (B, H, stop - start, q.shape[-1])))
+                logits = torch.matmul(qc, kt, out=_slot(scratch, "probs", (B, H, stop - start, S)))
             if bias is not None:
-                logits = logits + to_float(bias[..., start:stop, :])
-            yield logits.softmax(dim=-1)
+                logits += to_float(bias[..., start:stop, :])
+            probs = logits.softmax(dim=-1) if scratch is None else torch.softmax(logits, dim=-1, out=logits)
+        yield probs
+
+
+def _slot(scratch: Callable[[str, int], torch.Tensor], slot: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A contiguous ``shape`` view of the scratch memory ``slot``."""
+    return scratch(slot, math.prod(shape)).view(shape)
+
+
+def _copy_to(scratch: Callable[[str, int], torch.Tensor], slot: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` copied (as float32, contiguous) into the scratch memory ``slot``."""
+    return _slot(scratch, slot, tuple(x.shape)).copy_(x)
 
 
 class RunningMoments:

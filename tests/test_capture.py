@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
+from oversmooth_cli.adapters import resolve_attention_tap
 from oversmooth_cli.capture import OversmoothingCapture, UnsupportedModelError, resolve_adapter
 
 from .test_metrics import brute_attention_std, brute_token_cosine
@@ -55,7 +58,7 @@ MODELS = {
 
 
 @pytest.mark.parametrize("key", list(MODELS))
-@pytest.mark.parametrize("tap", ["qk", "softmax"])
+@pytest.mark.parametrize("tap", ["qk", "inline", "softmax"])
 def test_capture_matches_float64_reference(key, tap):
     name, kw, prefix = MODELS[key]
     model = make(name, **kw)
@@ -136,3 +139,91 @@ def test_bad_tap_is_refused():
     model = make("vit_tiny_patch16_224", patch_size=8, depth=1, embed_dim=32, num_heads=2)
     with pytest.raises(ValueError, match="attention_tap"):
         OversmoothingCapture(model, attention_tap="nope")
+
+
+class SdpaCalls(TorchFunctionMode):
+    """Counts ``scaled_dot_product_attention`` calls that reach torch (the capture's own modes sit inside this one)."""
+
+    calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is F.scaled_dot_product_attention
+        return func(*args, **(kwargs or {}))
+
+
+def test_auto_tap_is_inline_on_cpu_and_qk_elsewhere():
+    assert resolve_attention_tap("auto", "cpu") == "inline"
+    assert resolve_attention_tap("auto", torch.device("cuda", 1)) == "qk"
+    assert resolve_attention_tap("auto", "mps") == "qk"
+    assert resolve_attention_tap("softmax", "cuda") == "softmax"
+    with pytest.raises(ValueError, match="attention_tap must be one of"):
+        resolve_attention_tap("fast", "cpu")
+    model = make("vit_tiny_patch16_224", patch_size=8, depth=1, embed_dim=32, num_heads=2)
+    assert OversmoothingCapture(model).attention_tap == "inline"
+    assert OversmoothingCapture(model, attention_tap="qk").attention_tap == "qk"
+
+
+@pytest.mark.parametrize("max_elements", [100, 1 << 24])  # 100: one query row per chunk, prefix-only chunks first
+def test_inline_tap_answers_every_sdpa_call_with_the_same_features_and_values(max_elements):
+    model = make("vit_tiny_patch16_224", patch_size=8, depth=3, embed_dim=32, num_heads=2, reg_tokens=4)
+    for blk in model.blocks:
+        blk.attn.fused_attn = True
+    x = torch.randn(2, 3, IMG, IMG)
+    attention = ["attention_std", "attention_entropy", "cross_layer_attention_similarity"]
+    metrics = {"token_metrics": ["token_cosine"], "attention_metrics": attention}
+    with torch.no_grad():
+        with SdpaCalls() as fused_calls:
+            fused = model.forward_features(x)
+        with OversmoothingCapture(model, attention_tap="qk", **metrics) as cap:
+            model.forward_features(x)
+            want = cap.pop_batch()
+        with (
+            SdpaCalls() as inline_calls,
+            OversmoothingCapture(model, attention_tap="inline", max_elements=max_elements, **metrics) as cap,
+        ):
+            assert cap.prefix == 5
+            inline = model.forward_features(x)
+            got = cap.pop_batch()
+        after = model.forward_features(x)
+    assert fused_calls.calls == 3 and inline_calls.calls == 0, "inline computes each attention itself, once"
+    torch.testing.assert_close(inline, fused, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after, fused, atol=0, rtol=0)
+    assert all(blk.attn.fused_attn for blk in model.blocks)
+    assert ("cross_layer_attention_similarity", 2) in got[0] and ("attention_entropy", 3) in got[1]
+    for w, g in zip(want, got, strict=True):
+        assert w.keys() == g.keys()
+        for key in w:
+            torch.testing.assert_close(g[key], w[key], atol=1e-5, rtol=0)
+
+
+def test_inline_tap_leaves_calls_that_need_gradients_to_the_model():
+    model = make("vit_tiny_patch16_224", patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    x = torch.randn(2, 3, IMG, IMG)
+    want = model.forward_features(x)
+    (want_grad,) = torch.autograd.grad(want.square().sum(), model.blocks[0].attn.qkv.weight)
+    with SdpaCalls() as calls, OversmoothingCapture(model, attention_tap="inline") as cap:
+        got = model.forward_features(x)
+        layers, _ = cap.pop_batch()
+    (got_grad,) = torch.autograd.grad(got.square().sum(), model.blocks[0].attn.qkv.weight)
+    assert calls.calls == 2, "with autograd on, the model's own SDPA runs (the statistics come from q and k)"
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+    assert ("attention_std", 2) in layers
+
+
+@pytest.mark.parametrize("tap", ["qk", "inline"])
+def test_autocast_state_of_the_model_is_left_alone(tap):
+    """Chunk generators must not hold autocast off across a yield (a half-consumed one would leak it to the model)."""
+    model = make("vit_tiny_patch16_224", patch_size=8, depth=3, embed_dim=32, num_heads=2)
+    seen = []
+    handles = [b.mlp.fc1.register_forward_hook(lambda _m, _a, y: seen.append(y.dtype)) for b in model.blocks]
+    metrics = ["attention_std", "cross_layer_attention_similarity"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with OversmoothingCapture(model, attention_metrics=metrics, attention_tap=tap, max_elements=200) as cap:
+            model.forward_features(torch.randn(2, 3, IMG, IMG))
+            layers, _ = cap.pop_batch()
+        still_on = torch.is_autocast_enabled("cpu")
+    for h in handles:
+        h.remove()
+    assert seen == [torch.bfloat16] * 3 and still_on, "every block after an attention still runs under autocast"
+    assert torch.isfinite(layers[("attention_std", 3)]).all()

@@ -49,6 +49,7 @@ def test_measure_writes_every_output(tiny_folder, few_images, tmp_path):
     assert summary["metrics_version"] == "1" and summary["model"]["architecture"] == TINY_ARCH
     assert summary["images"]["measured"] == 5 and summary["images"]["skipped"] == 0
     assert summary["model"]["checkpoint_sha256"] and summary["run"]["device"] == "cpu"
+    assert summary["run"]["attention_tap"] == "inline", "auto resolves to inline on CPU and says so"
     assert summary["command"].startswith("oversmooth measure")
     assert summary["layers"]["token_cosine"] == pytest.approx(cos["mean"].tolist())
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -74,6 +75,19 @@ def test_cli_equals_library_and_float64_reference(tiny_folder, few_images, tmp_p
         want = brute_token_cosine(h[:, 1:]).mean().item()
         got = layers[(layers.metric == "token_cosine") & (layers.layer == l)]["mean"].item()
         assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_every_attention_tap_gives_the_same_tables(tiny_folder, few_images, tmp_path):
+    tables = {}
+    for tap in ("auto", "qk", "inline", "softmax"):
+        out = tmp_path / tap
+        res = run("measure", tiny_folder, few_images, "--out", out, "--device", "cpu", "--attention-tap", tap, "-q")
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "summary.json").read_text())["run"]["attention_tap"] == tap.replace("auto", "inline")
+        tables[tap] = pd.read_csv(out / "layers.csv")
+    for tap, table in tables.items():
+        assert table[["metric", "layer"]].equals(tables["qk"][["metric", "layer"]]), tap
+        assert table["mean"].to_numpy() == pytest.approx(tables["qk"]["mean"].to_numpy(), abs=1e-6), tap
 
 
 def test_json_prints_only_the_summary(tiny_folder, few_images, tmp_path):

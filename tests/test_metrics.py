@@ -109,6 +109,41 @@ def test_attention_std_extremes():
     assert attention_std(one_hot).item() == pytest.approx(math.sqrt(K - 1) / K, abs=1e-6)
 
 
+@pytest.mark.parametrize("block_elements", [1, 30, 1 << 20])
+def test_attention_row_std_in_row_blocks_matches_brute_force(block_elements):
+    probs = torch.randn(2, 3, 13, 7).softmax(-1)[:, :, 2:]  # a strided view, as the capture passes it
+    want = probs.double().std(dim=-1, correction=0)
+    got = attention_row_std(probs, block_elements=block_elements)
+    assert got.shape == (2, 3, 11)
+    torch.testing.assert_close(got.double(), want, atol=1e-7, rtol=0)
+    rows = torch.rand(5, 7)  # rows that do not sum to 1 (talking heads, gating): still the exact std
+    torch.testing.assert_close(
+        attention_row_std(rows, 7).double(), rows.double().std(-1, correction=0), atol=1e-7, rtol=0
+    )
+    assert attention_row_std(rows[0]).shape == ()
+
+
+@pytest.mark.parametrize("max_elements", [1, 50, 1 << 20])
+@pytest.mark.parametrize("query_start", [0, 2])
+def test_iter_attention_probs_with_scratch_memory_is_the_same_and_allocates_no_chunk(max_elements, query_start):
+    B, H, T, dh = 2, 3, 11, 4
+    qkv = torch.randn(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)  # strided q, k as timm's attention makes them
+    q, k = qkv[0], qkv[1]
+    bias = torch.randn(1, H, T, T)
+    memory: dict[str, torch.Tensor] = {}
+
+    def scratch(slot: str, n: int) -> torch.Tensor:
+        memory.setdefault(slot, torch.empty(B * H * T * max(T, dh)))
+        return memory[slot][:n]
+
+    plain = [c.clone() for c in iter_attention_probs(q, k, 0.5, query_start, bias=bias, max_elements=max_elements)]
+    pointers = set()
+    for want, got in zip(plain, iter_attention_probs(q, k, 0.5, query_start, bias, max_elements, scratch), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        pointers.add(got.data_ptr())
+    assert pointers == {memory["probs"].data_ptr()}, "every chunk lives in the same scratch memory"
+
+
 @pytest.mark.parametrize("max_elements", [1, 50, 1 << 20])
 @pytest.mark.parametrize("query_start", [0, 2])
 def test_iter_attention_probs_chunks_equal_full_softmax(max_elements, query_start):
