@@ -142,17 +142,30 @@ def _sdpa_call(args: tuple, kwargs: dict) -> dict[str, Any]:
 
 def inline_inputs(args: tuple, kwargs: dict, heads: int, heads_dim: int = -3) -> tuple | None:
     """``q, k, v, scale, bias`` (heads first, as :func:`sdpa_inputs`) of an SDPA call the ``inline`` tap can answer
-    itself, else ``None``: calls with dropout, and calls that build an autograd graph (the capture computes without
-    gradients), run as they are."""
+    itself, else ``None``. Left to run as they are: calls with dropout, calls that build an autograd graph (the
+    capture computes without gradients), key heads that are not the query heads (unless ``enable_gqa`` and they
+    divide them), and boolean masks that hide every key of some query (SDPA's own convention decides those rows)."""
     call = _sdpa_call(args, kwargs)
-    grad = torch.is_grad_enabled() and any(call[n].requires_grad for n in ("query", "key", "value"))
+    q, k, v, mask = call["query"], call["key"], call["value"], call.get("attn_mask")
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if grad or call.get("dropout_p"):
         return None
+    if mask is not None and mask.dtype == torch.bool and not bool(mask.any(dim=-1).all()):
+        return None
+    hq, hk = (q.shape[heads_dim], k.shape[heads_dim]) if q.dim() >= 4 else (q.shape[0], k.shape[0])
+    if hk != hq and (q.dim() < 4 or not call.get("enable_gqa") or hq % hk):
+        return None
     q4, k4, scale, bias = sdpa_inputs(args, kwargs, heads, heads_dim)
-    v4 = _heads_first(call["value"], heads, heads_dim)
+    v4 = _heads_first(v, heads, heads_dim)
     if v4.shape[1] != q4.shape[1]:
         v4 = v4.repeat_interleave(q4.shape[1] // v4.shape[1], dim=1)
     return q4, k4, v4, scale, bias
+
+
+def _sdpa_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype ``scaled_dot_product_attention`` returns for queries ``q`` (the autocast dtype under autocast)."""
+    device = q.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
 
 
 def _heads_first_inverse(out: torch.Tensor, like: torch.Tensor, heads_dim: int = -3) -> torch.Tensor:
@@ -339,7 +352,10 @@ class InterceptTap(AttentionTap):
             def attend(args: tuple, kwargs: dict) -> torch.Tensor | None:
                 taken = inline_inputs(args, kwargs, heads, heads_dim)
                 out = None if taken is None else on_attend(*taken)
-                return None if out is None else _heads_first_inverse(out, _sdpa_call(args, kwargs)["query"], heads_dim)
+                if out is None:
+                    return None
+                q = _sdpa_call(args, kwargs)["query"]
+                return _heads_first_inverse(out, q, heads_dim).to(_sdpa_dtype(q))
 
         return _intercept(
             attn,

@@ -313,11 +313,18 @@ class OversmoothingCapture:
             self._prev_attention = (layer, "qk", q, k, scale, bias) if self._keep_attention else None
             self._reduce_rows(layer, chunk(q, k, scale, bias), prev_chunks, positions)
 
-    def _scratch(self, slot: str, n: int, device: torch.device) -> torch.Tensor:
-        """``n`` float32 elements of memory ``slot``, reused by every ``inline`` attention (grown when too small)."""
+    def _scratch(self, slot: str, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``n`` elements of memory ``slot``, reused by every ``inline`` attention (made anew when too small, or of
+        another device or dtype, or when inference mode changed: inference tensors cannot be written outside it)."""
         memory = self._scratch_memory.get(slot)
-        if memory is None or memory.numel() < n or memory.device != device:
-            memory = self._scratch_memory[slot] = torch.empty(n, device=device)
+        inference = torch.is_inference_mode_enabled()
+        if (
+            memory is None
+            or memory.numel() < n
+            or (memory.device, memory.dtype) != (device, dtype)
+            or memory.is_inference() != inference
+        ):
+            memory = self._scratch_memory[slot] = torch.empty(n, device=device, dtype=dtype)
         return memory[:n]
 
     def _on_attend(
@@ -332,21 +339,23 @@ class OversmoothingCapture:
     ) -> torch.Tensor:
         """``inline`` tap: the attention output ``softmax(q k^T * scale + bias) v``, measured on the way.
 
-        Query chunks are computed in the scratch memory; each chunk's rows past the prefix feed the row metrics
-        before its values are applied to ``v``. The output has ``v``'s dtype.
+        Query chunks are computed in the scratch memory (float32, or float64 for a float64 model); each chunk is
+        applied to ``v`` into the output, then its rows past the prefix feed the row metrics. The output is float32
+        or wider; the tap casts it to the dtype SDPA would have returned.
         """
         with torch.no_grad(), _float32(q.device):
             if positions is None:
                 positions = self._token_positions(q.shape[-2], q.device)
-            outputs: list[torch.Tensor] = []
+            dtype = torch.promote_types(q.dtype, torch.float32)
+            out = torch.empty(*q.shape[:-1], v.shape[-1], device=q.device, dtype=dtype)
 
             def measured(q_, k_, s_, b_, apply_to=None, scratch=None) -> Iterator[torch.Tensor]:
                 """Probability chunks from query 0 (so that two layers chunk alike), past the prefix rows; each
-                chunk is first applied to ``apply_to`` (the values) when given."""
+                chunk is first applied to ``apply_to`` (the values), into ``out``, when given."""
                 start = 0
                 for probs in iter_attention_probs(q_, k_, s_, bias=b_, max_elements=self.max_elements, scratch=scratch):
                     if apply_to is not None:
-                        outputs.append(probs @ apply_to)
+                        torch.matmul(probs, apply_to, out=out[:, :, start : start + probs.shape[-2]])
                     if start + probs.shape[-2] > self.prefix:
                         yield probs[:, :, max(0, self.prefix - start) :]
                     start += probs.shape[-2]
@@ -356,14 +365,13 @@ class OversmoothingCapture:
             if prev is not None and prev[3].shape == k.shape:
                 prev_chunks = measured(prev[2], prev[3], prev[4], prev[5])
             self._prev_attention = (layer, "qk", q, k, scale, bias) if self._keep_attention else None
-            scratch = functools.partial(self._scratch, device=q.device)
+            scratch = functools.partial(self._scratch, device=q.device, dtype=dtype)
             values = scratch("v", v.numel()).view(v.shape).copy_(v)
             current = measured(q, k, scale, bias, values, scratch)
             self._reduce_rows(layer, current, prev_chunks, positions)
             for _ in current:  # every query chunk feeds the output, measured or not
                 pass
-            out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
-            return out.to(v.dtype)
+            return out
 
     def _on_probs(self, layer: int, probs: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Attention metrics from softmax probabilities ``(B, H, T, S)`` read from an unfused model."""

@@ -601,7 +601,8 @@ def iter_attention_probs(
 
     The full ``(B, H, Q, K)`` probability tensor never exists at once: each chunk holds at most about
     ``max_elements`` values. Autocast is switched off so the logits are float32 on every device.
-    With ``scratch`` (``(slot, n) ->`` ``n`` float32 elements of reusable memory), the scaled queries, the keys and
+    With ``scratch`` (``(slot, n) ->`` ``n`` elements of reusable float32 or wider memory), the scaled queries, the
+    keys and
     every chunk (softmax in place) live in that memory, so a chunk is valid only until the next one is asked for and
     nothing large is allocated (on CPU, fresh allocations of tens of MB cost page faults that outweigh the
     arithmetic).
@@ -630,7 +631,7 @@ def iter_attention_probs(
             if scratch is None:
                 logits = (to_float(q[:, :, start:stop]) * scale) @ kt
             else:
-                qc = torch.mul(q[:, :, start:stop], scale, out=_slot(scratch, "q", (B, H, stop - start, q.shape[-1])))
+                qc = _copy_to(scratch, "q", q[:, :, start:stop]).mul_(scale)  # scaled in float32, like the plain path
                 logits = torch.matmul(qc, kt, out=_slot(scratch, "probs", (B, H, stop - start, S)))
             if bias is not None:
                 logits += to_float(bias[..., start:stop, :])
@@ -644,7 +645,7 @@ def _slot(scratch: Callable[[str, int], torch.Tensor], slot: str, shape: tuple[i
 
 
 def _copy_to(scratch: Callable[[str, int], torch.Tensor], slot: str, x: torch.Tensor) -> torch.Tensor:
-    """``x`` copied (as float32, contiguous) into the scratch memory ``slot``."""
+    """``x`` copied (contiguous, in the scratch memory's dtype) into the scratch memory ``slot``."""
     return _slot(scratch, slot, tuple(x.shape)).copy_(x)
 
 

@@ -213,17 +213,109 @@ def test_inline_tap_leaves_calls_that_need_gradients_to_the_model():
 
 @pytest.mark.parametrize("tap", ["qk", "inline"])
 def test_autocast_state_of_the_model_is_left_alone(tap):
-    """Chunk generators must not hold autocast off across a yield (a half-consumed one would leak it to the model)."""
-    model = make("vit_tiny_patch16_224", patch_size=8, depth=3, embed_dim=32, num_heads=2)
+    """Chunk generators must not hold autocast off across a yield (a half-consumed one would leak it to the model);
+    the statistics of the first attention (the same bf16 q and k for both taps) are computed in float32 alike."""
+    model = make("vit_tiny_patch16_224", patch_size=8, depth=3, embed_dim=48, num_heads=2)  # scale 24**-0.5
+    x = torch.randn(2, 3, IMG, IMG)
+    with (
+        torch.no_grad(),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        OversmoothingCapture(model, attention_tap="qk") as cap,
+    ):
+        model.forward_features(x)
+        reference = cap.pop_batch()[1][("attention_std", 1)]
     seen = []
     handles = [b.mlp.fc1.register_forward_hook(lambda _m, _a, y: seen.append(y.dtype)) for b in model.blocks]
     metrics = ["attention_std", "cross_layer_attention_similarity"]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         with OversmoothingCapture(model, attention_metrics=metrics, attention_tap=tap, max_elements=200) as cap:
-            model.forward_features(torch.randn(2, 3, IMG, IMG))
-            layers, _ = cap.pop_batch()
+            model.forward_features(x)
+            layers, heads = cap.pop_batch()
         still_on = torch.is_autocast_enabled("cpu")
     for h in handles:
         h.remove()
     assert seen == [torch.bfloat16] * 3 and still_on, "every block after an attention still runs under autocast"
     assert torch.isfinite(layers[("attention_std", 3)]).all()
+    torch.testing.assert_close(heads[("attention_std", 1)], reference, atol=1e-8, rtol=0)
+
+
+class OneSdpaCall(torch.nn.Module):
+    """An attention module that makes one SDPA call with fixed keyword arguments."""
+
+    def __init__(self, num_heads: int, **kwargs) -> None:
+        super().__init__()
+        self.num_heads, self.kwargs = num_heads, kwargs
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, **self.kwargs)
+
+
+def _bool_mask(T: int, S: int, full_row: bool = True) -> torch.Tensor:
+    mask = torch.rand(T, S, generator=torch.Generator().manual_seed(1)) > 0.5
+    mask[:, 0] = full_row  # every query keeps a key, unless full_row is False and the row was all False
+    if not full_row:
+        mask[0] = False
+    return mask
+
+
+INLINE_CALLS = {  # q, k, v shapes, SDPA keyword arguments, heads, heads_dim
+    "4d_dv_differs": ((2, 3, 5, 4), (2, 3, 7, 4), (2, 3, 7, 6), {}, 3, -3),
+    "bool_mask": ((2, 3, 5, 4), (2, 3, 7, 4), (2, 3, 7, 4), {"attn_mask": _bool_mask(5, 7)}, 3, -3),
+    "additive_mask": ((2, 3, 5, 4), (2, 3, 7, 4), (2, 3, 7, 4), {"attn_mask": torch.randn(1, 3, 5, 7)}, 3, -3),
+    "causal_and_scale": ((2, 3, 6, 4), (2, 3, 6, 4), (2, 3, 6, 4), {"is_causal": True, "scale": 0.3}, 3, -3),
+    "grouped_keys": ((2, 4, 5, 4), (2, 2, 5, 4), (2, 2, 5, 4), {"enable_gqa": True}, 4, -3),
+    "3d_heads_in_batch": ((6, 5, 4), (6, 7, 4), (6, 7, 4), {}, 3, -3),
+    "5d_heads_at_dim_1": ((2, 3, 4, 5, 4), (2, 3, 4, 9, 4), (2, 3, 4, 9, 4), {}, 3, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(INLINE_CALLS))
+def test_inline_tap_answers_sdpa_calls_of_every_layout_like_sdpa(case):
+    from oversmooth_cli.adapters import TAPS
+
+    q_shape, k_shape, v_shape, kwargs, heads, heads_dim = INLINE_CALLS[case]
+    q, k, v = torch.randn(q_shape), torch.randn(k_shape), torch.randn(v_shape)
+    module = OneSdpaCall(heads, **kwargs)
+    with torch.no_grad():
+        want = module(q, k, v)
+    seen = {"attend": 0, "qk": 0}
+
+    def on_attend(q4, k4, v4, scale, bias):  # a float64 reference computed from what the tap hands over
+        seen["attend"] += 1
+        logits = q4.double() @ k4.double().transpose(-1, -2) * scale
+        return (logits if bias is None else logits + bias.double()).softmax(-1) @ v4.double()
+
+    handles, undo = TAPS["intercept"].install(
+        module, "inline", lambda *a: seen.update(qk=seen["qk"] + 1), lambda p: None, heads_dim, on_attend
+    )
+    try:
+        with torch.no_grad():
+            got = module(q, k, v)
+    finally:
+        for h in handles:
+            h.remove()
+        undo()
+    assert seen == {"attend": 1, "qk": 0}
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"dropout_p": 0.5}, {"attn_mask": _bool_mask(5, 7, full_row=False)}],
+    ids=["dropout", "a_query_without_keys"],
+)
+def test_inline_tap_leaves_calls_it_cannot_answer_to_sdpa(kwargs):
+    from oversmooth_cli.adapters import TAPS, inline_inputs
+
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
+    assert inline_inputs((q, k, v), kwargs, 3) is None
+    module, seen = OneSdpaCall(3, **kwargs), []
+    handles, _ = TAPS["intercept"].install(
+        module, "inline", lambda *a: seen.append("qk"), lambda p: None, -3, lambda *a: seen.append("attend")
+    )
+    with torch.no_grad():
+        module(q, k, v)
+    for h in handles:
+        h.remove()
+    assert seen == ["qk"], "the call ran as SDPA and its q and k were reported as in the qk tap"
