@@ -310,7 +310,9 @@ def rss_rows(args: argparse.Namespace) -> list[dict]:
             env["MALLOC_MMAP_THRESHOLD_"] = str(args.rss_mmap_threshold)  # glibc: fixed threshold, no heap growth
         runs = []
         for _ in range(args.rss_repeats):
-            res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if res.returncode != 0:
+                raise SystemExit(f"RSS child for {n} images failed ({res.returncode}):\n{res.stderr[-3000:]}")
             runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
         row = {key: statistics.median(r[key] for r in runs) for key in ("peak_mib", "measuring_mib", "before_mib", "s")}
         out.append({**row, "images": runs[0]["images"], "runs": runs})
