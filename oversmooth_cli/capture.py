@@ -279,40 +279,6 @@ class OversmoothingCapture:
             return None
         return prev
 
-    def _on_qk(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        scale: float,
-        bias: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-    ) -> None:
-        """Attention metrics from ``q``, ``k`` ``(B, H, T, dh)`` in query chunks (probabilities never held whole).
-
-        Args:
-            layer: layer index.
-            q, k: queries and keys as the model uses them.
-            scale: logit scale.
-            bias: additive logit bias broadcastable to ``(B, H, T, T)`` (relative position bias), if any.
-            positions: ``(T, 2)`` or ``(B, T, 2)`` token positions in input pixels, ``NaN`` for tokens without one
-                (e.g. windows of a windowed model); default: the model's patch grid, prefix tokens ``NaN``.
-        """
-        with torch.no_grad(), _float32(q.device):
-            q, k = q.detach(), k.detach()
-            bias = None if bias is None else bias.detach()
-            if positions is None:
-                positions = self._token_positions(q.shape[-2], q.device)
-            chunk = lambda q_, k_, s_, b_: iter_attention_probs(  # noqa: E731
-                q_, k_, s_, query_start=self.prefix, bias=b_, max_elements=self.max_elements
-            )
-            prev = self._previous(layer, "qk", q.shape) if self._keep_attention else None
-            prev_chunks = None
-            if prev is not None and prev[3].shape == k.shape:
-                prev_chunks = chunk(prev[2], prev[3], prev[4], prev[5])
-            self._prev_attention = (layer, "qk", q, k, scale, bias) if self._keep_attention else None
-            self._reduce_rows(layer, chunk(q, k, scale, bias), prev_chunks, positions)
-
     def _scratch(self, slot: str, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``n`` elements of memory ``slot``, reused by every ``inline`` attention (made anew when too small, or of
         another device or dtype, or when inference mode changed: inference tensors cannot be written outside it)."""
@@ -327,33 +293,49 @@ class OversmoothingCapture:
             memory = self._scratch_memory[slot] = torch.empty(n, device=device, dtype=dtype)
         return memory[:n]
 
-    def _on_attend(
+    def _on_qk(
         self,
         layer: int,
         q: torch.Tensor,
         k: torch.Tensor,
         scale: float,
-        v: torch.Tensor,
         bias: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``inline`` tap: the attention output ``softmax(q k^T * scale + bias) v``, measured on the way.
+        v: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """Attention metrics from ``q``, ``k`` ``(B, H, T, dh)`` in query chunks (probabilities never held whole).
 
-        Query chunks are computed in the scratch memory (float32, or float64 for a float64 model); each chunk is
-        applied to ``v`` into the output, then its rows past the prefix feed the row metrics. The output is float32
-        or wider; the tap casts it to the dtype SDPA would have returned.
+        With ``v`` (the ``inline`` tap) the attention output ``softmax(q k^T * scale + bias) v`` is computed on the
+        way and returned: every query chunk (prefix rows included) is computed in the scratch memory and applied to
+        ``v`` into one output, float32 or wider (the tap casts it to the dtype SDPA would have returned).
+
+        Args:
+            layer: layer index.
+            q, k: queries and keys as the model uses them.
+            scale: logit scale.
+            bias: additive logit bias broadcastable to ``(B, H, T, T)`` (relative position bias), if any.
+            positions: ``(T, 2)`` or ``(B, T, 2)`` token positions in input pixels, ``NaN`` for tokens without one
+                (e.g. windows of a windowed model); default: the model's patch grid, prefix tokens ``NaN``.
+            v: ``(B, H, S, dv)`` values, to compute the output too.
         """
         with torch.no_grad(), _float32(q.device):
+            q, k = q.detach(), k.detach()
+            bias = None if bias is None else bias.detach()
             if positions is None:
                 positions = self._token_positions(q.shape[-2], q.device)
-            dtype = torch.promote_types(q.dtype, torch.float32)
-            out = torch.empty(*q.shape[:-1], v.shape[-1], device=q.device, dtype=dtype)
+            first = self.prefix if v is None else 0  # the output needs the prefix rows too
+            out = values = scratch = None
+            if v is not None:
+                dtype = torch.promote_types(q.dtype, torch.float32)
+                out = torch.empty(*q.shape[:-1], v.shape[-1], device=q.device, dtype=dtype)
+                scratch = functools.partial(self._scratch, device=q.device, dtype=dtype)
+                values = scratch("v", v.numel()).view(v.shape).copy_(v)
 
-            def measured(q_, k_, s_, b_, apply_to=None, scratch=None) -> Iterator[torch.Tensor]:
-                """Probability chunks from query 0 (so that two layers chunk alike), past the prefix rows; each
-                chunk is first applied to ``apply_to`` (the values), into ``out``, when given."""
-                start = 0
-                for probs in iter_attention_probs(q_, k_, s_, bias=b_, max_elements=self.max_elements, scratch=scratch):
+            def measured(q_, k_, s_, b_, apply_to=None, scratch_=None) -> Iterator[torch.Tensor]:
+                """Probability chunks from query ``first`` (both layers of a pair chunk alike), past the prefix rows;
+                each chunk is first applied to ``apply_to`` (the values), into ``out``, when given."""
+                start = first
+                for probs in iter_attention_probs(q_, k_, s_, first, b_, self.max_elements, scratch_):
                     if apply_to is not None:
                         torch.matmul(probs, apply_to, out=out[:, :, start : start + probs.shape[-2]])
                     if start + probs.shape[-2] > self.prefix:
@@ -365,11 +347,9 @@ class OversmoothingCapture:
             if prev is not None and prev[3].shape == k.shape:
                 prev_chunks = measured(prev[2], prev[3], prev[4], prev[5])
             self._prev_attention = (layer, "qk", q, k, scale, bias) if self._keep_attention else None
-            scratch = functools.partial(self._scratch, device=q.device, dtype=dtype)
-            values = scratch("v", v.numel()).view(v.shape).copy_(v)
             current = measured(q, k, scale, bias, values, scratch)
             self._reduce_rows(layer, current, prev_chunks, positions)
-            for _ in current:  # every query chunk feeds the output, measured or not
+            for _ in current:  # with values, every query chunk feeds the output, measured or not
                 pass
             return out
 
@@ -428,7 +408,7 @@ class OversmoothingCapture:
             self._on_tokens(layer, tokens)
 
     def _attention_hook(self, layer: int, spec: BlockSpec, keys: int, on: Callable, x: torch.Tensor, *args: Any) -> Any:
-        """Call ``on(layer, x, *args)`` (:meth:`_on_qk`, :meth:`_on_attend` or :meth:`_on_probs`) for
+        """Call ``on(layer, x, *args)`` (:meth:`_on_qk` or :meth:`_on_probs`) for
         ``(B * windows, H, T, .)`` input and return what it returns (``None`` when there is nothing to measure);
         per-window values are averaged into one per image (every window has the same number of query rows)."""
         if not spec.group.tokens:
@@ -481,7 +461,7 @@ class OversmoothingCapture:
                     lambda p, layer=i, spec=spec: self._attention_hook(layer, spec, p.shape[-1], self._on_probs, p),
                     spec.group.heads_dim,
                     lambda q, k, v, scale, bias, layer=i, spec=spec: self._attention_hook(
-                        layer, spec, k.shape[-2], lambda *a: self._on_attend(*a, v=v, bias=bias), q, k, scale
+                        layer, spec, k.shape[-2], lambda *a: self._on_qk(*a, bias=bias, v=v), q, k, scale
                     ),
                 )
                 self._handles.extend(handles)

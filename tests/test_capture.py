@@ -57,6 +57,14 @@ MODELS = {
 }
 
 
+def assert_same_values(got: tuple[dict, dict], want: tuple[dict, dict], atol: float = 1e-5) -> None:
+    """Two ``pop_batch()`` results have the same ``(metric, layer)`` keys and values within ``atol``."""
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for key in w:
+            torch.testing.assert_close(g[key], w[key], atol=atol, rtol=0)
+
+
 @pytest.mark.parametrize("key", list(MODELS))
 @pytest.mark.parametrize("tap", ["qk", "inline", "softmax"])
 def test_capture_matches_float64_reference(key, tap):
@@ -98,10 +106,7 @@ def test_qk_tap_equals_unfused_softmax_and_keeps_fused_attention():
             model.forward_features(x)
             sm = cap.pop_batch()
     assert all(blk.attn.fused_attn for blk in model.blocks), "softmax tap must restore fused_attn"
-    for a, b in zip(qk, sm, strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    assert_same_values(qk, sm)
 
 
 def test_hooks_are_removed_and_model_output_unchanged():
@@ -190,10 +195,7 @@ def test_inline_tap_answers_every_sdpa_call_with_the_same_features_and_values(ma
     torch.testing.assert_close(after, fused, atol=0, rtol=0)
     assert all(blk.attn.fused_attn for blk in model.blocks)
     assert ("cross_layer_attention_similarity", 2) in got[0] and ("attention_entropy", 3) in got[1]
-    for w, g in zip(want, got, strict=True):
-        assert w.keys() == g.keys()
-        for key in w:
-            torch.testing.assert_close(g[key], w[key], atol=1e-5, rtol=0)
+    assert_same_values(got, want)
 
 
 def test_inline_tap_leaves_calls_that_need_gradients_to_the_model():

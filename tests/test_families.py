@@ -22,8 +22,6 @@ import pandas as pd
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from typer.testing import CliRunner
 
 from oversmooth_cli.adapters import ADAPTERS, UNSUPPORTED, BlockSpec, UnsupportedModelError, resolve_adapter
@@ -33,6 +31,7 @@ from oversmooth_cli.metrics import iter_attention_probs
 from oversmooth_cli.report import read_layers, stage_boundaries
 
 from .conftest import REPO, tiny_cli_args
+from .test_capture import SdpaCalls, assert_same_values
 from .test_metrics import brute_attention_std, brute_token_cosine
 
 pytestmark = pytest.mark.capture
@@ -203,16 +202,6 @@ def tapped(specs: list[BlockSpec], mode: str) -> Iterator[tuple[dict, dict]]:
             undo()
 
 
-class _SdpaCounter(TorchFunctionMode):
-    """Counts the ``scaled_dot_product_attention`` calls that reach torch (outside the capture's own modes)."""
-
-    calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += func is F.scaled_dot_product_attention
-        return func(*args, **(kwargs or {}))
-
-
 INLINE_FALLBACK_CALLS = {"xcit": 2}
 """SDPA calls per forward pass that reach torch under the inline tap: XCiT's two XCA blocks attend over channels,
 not tokens, and are not tapped at all."""
@@ -281,25 +270,17 @@ def test_family_layers_values_and_recomputed_attention(family):
     with tapped(specs, "softmax") as (sm_maps, _):
         sm_layers, sm_heads, _ = capture(model, x, "softmax")
     assert all(m.fused_attn for m in switches), "the softmax tap must restore fused_attn"
-    assert layers.keys() == sm_layers.keys() and heads.keys() == sm_heads.keys()
-    for key in layers:
-        torch.testing.assert_close(layers[key], sm_layers[key], atol=1e-5, rtol=0)
-    for key in heads:
-        torch.testing.assert_close(heads[key], sm_heads[key], atol=1e-5, rtol=0)
+    assert_same_values((layers, heads), (sm_layers, sm_heads))
 
     # ... and so does the inline tap (the CPU default), which answers the SDPA calls itself: same values, same
     # features; an SDPA call that still reaches torch is one the inline tap could not take
     with torch.no_grad():
         fused_features = model.forward_features(x)
-        with _SdpaCounter() as reached, OversmoothingCapture(model, attention_tap="inline") as cap_inline:
+        with SdpaCalls() as reached, OversmoothingCapture(model, attention_tap="inline") as cap_inline:
             inline_features = model.forward_features(x)
-            in_layers, in_heads = cap_inline.pop_batch()
+            inline = cap_inline.pop_batch()
     torch.testing.assert_close(inline_features, fused_features, atol=1e-4, rtol=1e-4)
-    assert in_layers.keys() == layers.keys() and in_heads.keys() == heads.keys()
-    for key in layers:
-        torch.testing.assert_close(in_layers[key], layers[key], atol=1e-5, rtol=0)
-    for key in heads:
-        torch.testing.assert_close(in_heads[key], heads[key], atol=1e-5, rtol=0)
+    assert_same_values(inline, (layers, heads))
     assert reached.calls == INLINE_FALLBACK_CALLS.get(family, 0), "SDPA calls the inline tap did not take"
 
     # ... and probability by probability: q / k after norm, rope and bias vs the model's own softmax
