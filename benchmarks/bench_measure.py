@@ -51,10 +51,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from oversmooth_cli.accumulate import OversmoothingAccumulator
 from oversmooth_cli.capture import OversmoothingCapture
 from oversmooth_cli.data import build_loader, find_images
 from oversmooth_cli.measure import measure, measure_batches
-from oversmooth_cli.metrics import OversmoothingAccumulator
 from oversmooth_cli.models import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,8 +72,7 @@ def bare_pass(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
 def oversmooth_pass(model: torch.nn.Module, batches: list[torch.Tensor], **opts) -> OversmoothingAccumulator:
     """Row 2: the library's core loop on in-memory batches."""
     items = [(x, list(range(x.shape[0])), []) for x in batches]
-    acc, _layers = measure_batches(model, items, torch.device("cpu"), **opts)
-    return acc
+    return measure_batches(model, items, torch.device("cpu"), **opts).accumulator
 
 
 @contextlib.contextmanager

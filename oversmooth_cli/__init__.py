@@ -17,16 +17,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "OversmoothingAccumulator": "accumulate",
     "ADAPTERS": "adapters",
-    "OversmoothingCapture": "capture",
     "register_adapter": "adapters",
     "resolve_adapter": "adapters",
+    "OversmoothingCapture": "capture",
     "UserError": "errors",
     "MeasureResult": "measure",
     "measure": "measure",
     "write_run": "measure",
     "METRICS_VERSION": "metrics",
-    "OversmoothingAccumulator": "metrics",
     "attention_std": "metrics",
     "token_cosine": "metrics",
     "LoadedModel": "models",

@@ -1,7 +1,11 @@
 """Capture per-layer tokens and attention with hooks, reducing every forward pass to metric values on the fly.
 
-Which modules to hook comes from the family's adapter (:mod:`oversmooth_cli.adapters`). Per-layer values are kept on
-the model's device while the batch runs and moved to the CPU once per batch (:meth:`OversmoothingCapture.pop_batch`).
+Which modules to hook comes from the family's adapter (:mod:`oversmooth_cli.adapters`); each block's attention is read
+through its tap (:mod:`oversmooth_cli.taps`), which reports to a per-layer sink. Per-layer values are kept on the
+model's device while the batch runs and moved to the CPU once per batch (:meth:`OversmoothingCapture.pop_batch`).
+
+Tokens are read by one :class:`TokenReader` for both the metrics and the fine-tuning losses (:func:`block_tokens`), so
+a loss sees exactly the tokens ``measure`` measures.
 """
 
 from __future__ import annotations
@@ -17,30 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import (
-    BlockSpec,
-    FamilyAdapter,
-    UnsupportedModelError,
-    model_family,
-    resolve_adapter,
-    resolve_attention_tap,
-)
-from .metrics import (
-    ATTENTION_METRICS,
-    TOKEN_METRICS,
-    MetricDef,
-    infer_grid,
-    iter_attention_probs,
-    pairwise_distances,
-    patch_positions,
-)
+from .adapters import BlockSpec, FamilyAdapter, resolve_adapter
+from .attention import Scratch, copy_to_scratch, iter_attention_probs
+from .geometry import PatchGeometry, infer_grid, pairwise_distances, patch_geometry, patch_positions
+from .metrics import ATTENTION_METRICS, TOKEN_METRICS, MetricDef
+from .taps import UnsupportedModelError, resolve_attention_tap
 
 __all__ = [
     "LayerInfo",
     "OversmoothingCapture",
-    "UnsupportedModelError",
-    "model_family",
-    "resolve_adapter",
+    "TokenReader",
+    "block_tokens",
 ]
 
 
@@ -67,42 +58,83 @@ class LayerInfo:
     has_tokens: bool = True
 
 
+class TokenReader:
+    """Reads a block's tokens as ``(B, N, C)``, one row per image: the one token path of ``measure`` and the losses.
+
+    Sequences folded into the batch (MobileViT's per-pixel-position sequences) are put back together per image,
+    which needs the number of images of the running forward pass: :meth:`install` hooks the modules that see one
+    row per image (the adapter's ``images_from``, or the first block's input).
+
+    Args:
+        model: the model.
+        adapter: its family adapter.
+        first: the first measured block (default: from the adapter).
+    """
+
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, first: BlockSpec | None = None) -> None:
+        self.model, self.adapter = model, adapter
+        self.first = first or adapter.block_specs(model)[0]
+        self.images = 0
+
+    def install(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks that count the images of every forward pass; the caller removes them."""
+        modules = self.adapter.image_modules(self.model)
+        if modules:
+            return [m.register_forward_pre_hook(self._count_images) for m in modules]
+        return [self.first.module.register_forward_pre_hook(self._count_first_block_input)]
+
+    def _count_images(self, _module: nn.Module, args: tuple) -> None:
+        self.images = len(args[0])
+
+    def _count_first_block_input(self, _module: nn.Module, args: tuple) -> None:
+        self.images = self.adapter.tokens(args, self.first).shape[0]
+
+    def read(self, value: Any, spec: BlockSpec) -> torch.Tensor:
+        """A block's output (or positional inputs) as ``(B, N, C)`` tokens, prefix tokens first, one row per image.
+
+        Raises:
+            UnsupportedModelError: the sequences cannot be put back together per image.
+        """
+        tokens = self.adapter.tokens(value, spec)
+        if self.images and tokens.shape[0] != self.images:
+            if spec.prefix or tokens.shape[0] % self.images:
+                raise UnsupportedModelError(
+                    f"{spec.name} gives {tokens.shape[0]} token sequences for {self.images} images; adapter "
+                    f"{self.adapter.name} cannot put them back together per image"
+                )
+            tokens = tokens.reshape(self.images, -1, tokens.shape[-1])
+        return tokens
+
+
+@contextlib.contextmanager
+def block_tokens(model: nn.Module, adapter: FamilyAdapter, which: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Patch tokens ``(B, n, d)`` (prefix removed, with gradient) output by the blocks at positions ``which``.
+
+    Positions index the blocks that output tokens, in execution order (``0``: the first, ``-1``: the last); the
+    tokens are read by the :class:`TokenReader` that ``measure`` uses, so a loss sees exactly the measured tokens.
+    The hooks live only inside the block.
+    """
+    every = adapter.block_specs(model)
+    specs = [s for s in every if s.group.tokens]
+    reader = TokenReader(model, adapter, every[0])
+    store: dict[int, torch.Tensor] = {}
+
+    def keep(key: int, spec: BlockSpec) -> Callable:
+        return lambda _m, _a, out: store.__setitem__(key, reader.read(out, spec)[:, spec.prefix :])
+
+    handles = reader.install() if which else []
+    handles += [specs[i].module.register_forward_hook(keep(i, specs[i])) for i in set(which)]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @dataclass
 class _Pending:
     layers: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     heads: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class PatchGeometry:
-    """Where patch tokens sit in the model input: the default patch grid, a patch's stride in pixels, and whether
-    the model accepts other image sizes (``dynamic_img_size``: the grid then follows the token count)."""
-
-    grid: tuple[int, int]
-    stride: tuple[float, float]
-    dynamic: bool = False
-
-
-def patch_geometry(model: nn.Module) -> PatchGeometry | None:
-    """The patch grid of a timm model, read from ``patch_embed`` (``grid_size``, and ``img_size`` or ``patch_size``).
-
-    The stride is ``img_size / grid_size`` (a patch's extent in input pixels, also for hybrid stems) and falls back
-    to ``patch_size``. ``None`` when the model has no such patch embedding.
-    """
-    pe = getattr(model, "patch_embed", None)
-    grid = getattr(pe, "grid_size", None)
-    if grid is None:
-        return None
-    grid = (int(grid[0]), int(grid[1]))
-    img = getattr(pe, "img_size", None)
-    patch = getattr(pe, "patch_size", None)
-    if img is not None:
-        stride = (float(img[0]) / grid[0], float(img[1]) / grid[1])
-    elif patch is not None:
-        stride = (float(patch[0]), float(patch[1]))
-    else:
-        return None
-    return PatchGeometry(grid, stride, bool(getattr(model, "dynamic_img_size", False)))
 
 
 def _float32(device: torch.device) -> torch.autocast:
@@ -123,6 +155,28 @@ TOKEN_FEEDS: dict[str, TokenFeed] = {
     ),
 }
 """What each token metric's ``inputs`` kind receives (see :class:`~oversmooth_cli.metrics.MetricDef`)."""
+
+
+@dataclass(frozen=True)
+class _LayerSink:
+    """The :class:`~oversmooth_cli.taps.TapSink` of one block's attention: hands what its tap reads to the capture."""
+
+    capture: OversmoothingCapture
+    layer: int
+    spec: BlockSpec
+
+    def qk(self, q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> None:
+        on_qk = functools.partial(self.capture._on_qk, bias=bias)
+        self.capture._attention_hook(self.layer, self.spec, k.shape[-2], on_qk, q, k, scale)
+
+    def probs(self, p: torch.Tensor) -> None:
+        self.capture._attention_hook(self.layer, self.spec, p.shape[-1], self.capture._on_probs, p)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        on_qk = functools.partial(self.capture._on_qk, bias=bias, v=v)
+        return self.capture._attention_hook(self.layer, self.spec, k.shape[-2], on_qk, q, k, scale)
 
 
 class OversmoothingCapture:
@@ -188,11 +242,11 @@ class OversmoothingCapture:
             for i, s in enumerate(self._specs, start=1)
         ]
         self._n_tokens: dict[int, int] = {}
-        self._images = 0
+        self._reader = TokenReader(model, self.adapter, first)
         self._handles: list = []
         self._undo: list[Callable[[], None]] = []
         self._pending = _Pending()
-        self._scratch_memory: dict[str, torch.Tensor] = {}
+        self._scratch = Scratch()
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def _on_tokens(self, layer: int, tokens: torch.Tensor) -> None:
@@ -279,20 +333,6 @@ class OversmoothingCapture:
             return None
         return prev
 
-    def _scratch(self, slot: str, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """``n`` elements of memory ``slot``, reused by every ``inline`` attention (made anew when too small, or of
-        another device or dtype, or when inference mode changed: inference tensors cannot be written outside it)."""
-        memory = self._scratch_memory.get(slot)
-        inference = torch.is_inference_mode_enabled()
-        if (
-            memory is None
-            or memory.numel() < n
-            or (memory.device, memory.dtype) != (device, dtype)
-            or memory.is_inference() != inference
-        ):
-            memory = self._scratch_memory[slot] = torch.empty(n, device=device, dtype=dtype)
-        return memory[:n]
-
     def _on_qk(
         self,
         layer: int,
@@ -328,8 +368,8 @@ class OversmoothingCapture:
             if v is not None:
                 dtype = torch.promote_types(q.dtype, torch.float32)
                 out = torch.empty(*q.shape[:-1], v.shape[-1], device=q.device, dtype=dtype)
-                scratch = functools.partial(self._scratch, device=q.device, dtype=dtype)
-                values = scratch("v", v.numel()).view(v.shape).copy_(v)
+                scratch = self._scratch.bind(q.device, dtype)
+                values = copy_to_scratch(scratch, "v", v)
 
             def measured(q_, k_, s_, b_, apply_to=None, scratch_=None) -> Iterator[torch.Tensor]:
                 """Probability chunks from query ``first`` (both layers of a pair chunk alike), past the prefix rows;
@@ -389,16 +429,7 @@ class OversmoothingCapture:
     def _tokens_hook(self, layer: int, spec: BlockSpec, value: Any) -> None:
         """Token metrics of a block's output (layer 0: the first block's input), as ``(B, N, C)``; sequences folded
         into the batch (MobileViT's per-pixel-position sequences) are put back together, one row per image."""
-        tokens = self.adapter.tokens(value, spec)
-        if layer == 0 and self.adapter.images_from is None:
-            self._images = tokens.shape[0]
-        if self._images and tokens.shape[0] != self._images:
-            if spec.prefix or tokens.shape[0] % self._images:
-                raise UnsupportedModelError(
-                    f"{spec.name} gives {tokens.shape[0]} token sequences for {self._images} images; adapter "
-                    f"{self.adapter.name} cannot put them back together per image"
-                )
-            tokens = tokens.reshape(self._images, -1, tokens.shape[-1])
+        tokens = self._reader.read(value, spec)
         n = self._n_tokens[layer] = tokens.shape[1] - spec.prefix
         if n < 2:  # e.g. the last stage of a hierarchical model on a tiny image: no pair of tokens to compare
             for name in self.token_metrics:
@@ -417,10 +448,11 @@ class OversmoothingCapture:
             for name in self.attention_metrics:
                 self.unavailable.setdefault(name, f"layer {layer} ({spec.name}) attends over {keys} key(s)")
             return None
-        windows, rest = divmod(x.shape[0], self._images or x.shape[0])
+        images = self._reader.images
+        windows, rest = divmod(x.shape[0], images or x.shape[0])
         if rest:
             raise UnsupportedModelError(
-                f"{spec.name} attends in {x.shape[0]} batch rows for {self._images} images; adapter "
+                f"{spec.name} attends in {x.shape[0]} batch rows for {images} images; adapter "
                 f"{self.adapter.name} cannot tell its windows apart"
             )
         on_grid = self.adapter.patch_grid and windows == 1
@@ -435,10 +467,7 @@ class OversmoothingCapture:
     def __enter__(self) -> OversmoothingCapture:
         self._model_geometry = self.geometry
         try:
-            for module in self.adapter.image_modules(self.model):
-                self._handles.append(
-                    module.register_forward_pre_hook(lambda _m, args: setattr(self, "_images", len(args[0])))
-                )
+            self._handles.extend(self._reader.install())
             first = self._specs[0]
             self._handles.append(
                 first.module.register_forward_pre_hook(lambda _m, args: self._tokens_hook(0, first, args))
@@ -452,18 +481,8 @@ class OversmoothingCapture:
                     )
                 if spec.attention is None or not self.attention_metrics:
                     continue
-                handles, undo = spec.tap.install(
-                    spec.attention,
-                    self.attention_tap,
-                    lambda q, k, scale, bias, layer=i, spec=spec: self._attention_hook(
-                        layer, spec, k.shape[-2], lambda *a: self._on_qk(*a, bias=bias), q, k, scale
-                    ),
-                    lambda p, layer=i, spec=spec: self._attention_hook(layer, spec, p.shape[-1], self._on_probs, p),
-                    spec.group.heads_dim,
-                    lambda q, k, v, scale, bias, layer=i, spec=spec: self._attention_hook(
-                        layer, spec, k.shape[-2], lambda *a: self._on_qk(*a, bias=bias, v=v), q, k, scale
-                    ),
-                )
+                sink = _LayerSink(self, i, spec)
+                handles, undo = spec.tap.install(spec.attention, self.attention_tap, sink, spec.group.heads_dim)
                 self._handles.extend(handles)
                 self._undo.append(undo)
         except BaseException:
@@ -484,7 +503,7 @@ class OversmoothingCapture:
         self._undo.clear()
         self._pending = _Pending()
         self._prev_tokens = self._prev_attention = None
-        self._scratch_memory = {}
+        self._scratch.clear()
 
     def pop_batch(self) -> tuple[dict[tuple[str, int], torch.Tensor], dict[tuple[str, int], torch.Tensor]]:
         """Per-image values of the last forward pass, on the CPU (one device-to-host copy), then cleared.

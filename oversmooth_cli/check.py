@@ -17,10 +17,9 @@ or one that says the opposite fell); ``down`` only when it got better. The comma
 
 from __future__ import annotations
 
-import json
+import functools
 import math
-import os
-import tempfile
+import shutil
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,18 +31,17 @@ import pandas as pd
 
 from .errors import UserError
 from .metrics import ATTENTION_METRICS, TOKEN_METRICS
-from .report import METRIC_LABELS, atomic_write, default_mode, metric_order, read_layers, save_figure
+from .report import Run, atomic_write, atomic_write_all, load_run, metric_order, metric_panels, save_figure
 
 __all__ = [
     "CHECK_COLUMNS",
     "DIRECTIONS",
+    "CheckGate",
     "CheckResult",
-    "Run",
     "Tolerance",
     "check_runs",
     "compare_checked",
     "format_layers",
-    "load_run",
     "make_baseline",
     "parse_layers",
     "plot_check",
@@ -76,91 +74,6 @@ CHECK_COLUMNS = [
 BASELINE_FILES = ("layers.csv", "summary.json")
 
 
-# -- loading ------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Run:
-    """One run's per-layer table and (when present) its ``summary.json``."""
-
-    source: Path
-    layers_csv: Path
-    layers: pd.DataFrame = field(repr=False)
-    summary: dict[str, Any] | None = field(default=None, repr=False)
-
-    @property
-    def folder(self) -> Path:
-        return self.layers_csv.parent
-
-    @property
-    def metrics_version(self) -> str | None:
-        v = (self.summary or {}).get("metrics_version")
-        return None if v is None else str(v)
-
-    @property
-    def name(self) -> str:
-        """The model name recorded in ``summary.json``, else the run folder's name."""
-        model = (self.summary or {}).get("model")
-        name = model.get("name") if isinstance(model, dict) else None
-        return str(name) if name else (self.folder.resolve().name or str(self.source))
-
-    @property
-    def metrics(self) -> list[str]:
-        return metric_order(self.layers["metric"].unique())
-
-    def layers_of(self, metric: str) -> list[int]:
-        return sorted(int(x) for x in self.layers.loc[self.layers["metric"] == metric, "layer"])
-
-    @property
-    def n_layers(self) -> int:
-        """Depth ``L`` (``summary.json``'s ``n_layers``, else the deepest layer in ``layers.csv``)."""
-        n = (self.summary or {}).get("n_layers")
-        return int(n) if isinstance(n, int) and n > 0 else int(self.layers["layer"].max())
-
-    @property
-    def n_images(self) -> int:
-        return int(self.layers["n_images"].max()) if len(self.layers) else 0
-
-
-def _read_summary(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}; write the run again with `oversmooth measure`") from e
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a JSON object; is it a summary.json from oversmooth?")
-    return data
-
-
-def load_run(source: str | Path) -> Run:
-    """Load a run folder (``layers.csv`` + ``summary.json``) or a ``layers.csv`` (``summary.json`` read beside it).
-
-    Raises:
-        UserError: missing path, unreadable or malformed ``layers.csv``, duplicate ``(metric, layer)`` rows.
-    """
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise UserError(f"{source} does not exist; give a run folder written by `oversmooth measure` or its layers.csv")
-    csv = path / "layers.csv" if path.is_dir() else path
-    try:
-        df = read_layers(csv)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {csv} as a layers.csv: {str(e).splitlines()[0]}") from e
-    df = df.copy()
-    for col in ("layer", "mean", "std", "n_images"):
-        converted = pd.to_numeric(df[col], errors="coerce")
-        if converted.isna().any() and col in ("layer", "n_images"):
-            raise UserError(f"{csv}: column {col} holds non-numbers; is it a layers.csv from oversmooth?")
-        df[col] = converted
-    df["layer"] = df["layer"].astype(int)
-    df["metric"] = df["metric"].astype(str)
-    dup = df[df.duplicated(["metric", "layer"], keep=False)]
-    if len(dup):
-        first = dup.iloc[0]
-        raise UserError(f"{csv} has several rows for {first['metric']} layer {first['layer']}; one row each expected")
-    return Run(path, csv, df, _read_summary(csv.parent / "summary.json"))
-
-
 # -- layer selections ---------------------------------------------------------------------------------------------
 def parse_layers(spec: str) -> list[int]:
     """``"0-5,12"`` -> ``[0, 1, 2, 3, 4, 5, 12]`` (sorted, without repeats).
@@ -182,6 +95,13 @@ def parse_layers(spec: str) -> list[int]:
             raise UserError(f"--layers {spec!r}: {item!r} is not a range from low to high; write e.g. 0-5,12")
         out.update(range(a, b + 1))
     return sorted(out)
+
+
+def _layer_list(layers: Sequence[int] | str | None) -> list[int] | None:
+    """A layer selection as a list: ``"0-5,12"`` parsed (see :func:`parse_layers`), ``None`` kept."""
+    if layers is None:
+        return None
+    return parse_layers(layers) if isinstance(layers, str) else list(layers)
 
 
 def format_layers(layers: Iterable[int]) -> str:
@@ -445,10 +365,53 @@ def check_runs(
     tolerance = tolerance or Tolerance()
     b = baseline if isinstance(baseline, Run) else load_run(baseline)
     c = current if isinstance(current, Run) else load_run(current)
-    layer_list = parse_layers(layers) if isinstance(layers, str) else (list(layers) if layers is not None else None)
+    layer_list = _layer_list(layers)
     selected, notes = validate_comparable(b, c, metrics, layer_list)
     rows = compare_checked(b, c, tolerance, selected, layer_list)
     return CheckResult(rows, b, c, tolerance, notes)
+
+
+@dataclass(frozen=True)
+class CheckGate:
+    """A check whose baseline and settings are validated before the (slow) current run exists.
+
+    ``measure --baseline`` prepares the gate first, so a bad baseline fails before any image is measured::
+
+        gate = CheckGate.prepare("ci/baseline", Tolerance(atol=0.02), layers="0-5")
+        result, written = gate.run("runs/new", report="report.md")
+    """
+
+    baseline: Run
+    tolerance: Tolerance
+    metrics: list[str] | None = None
+    layers: list[int] | None = None
+
+    @classmethod
+    def prepare(
+        cls,
+        baseline: str | Path | Run,
+        tolerance: Tolerance,
+        metrics: Sequence[str] | None = None,
+        layers: Sequence[int] | str | None = None,
+    ) -> CheckGate:
+        """Load the baseline and parse the layer selection (``"0-5,12"`` or a list).
+
+        Raises:
+            UserError: an unusable baseline or layer selection.
+        """
+        run = baseline if isinstance(baseline, Run) else load_run(baseline)
+        return cls(run, tolerance, list(metrics) if metrics else None, _layer_list(layers))
+
+    def run(
+        self,
+        current: str | Path | Run,
+        report: str | Path | None = None,
+        junit: str | Path | None = None,
+        plot: str | Path | None = None,
+    ) -> tuple[CheckResult, list[Path]]:
+        """Check ``current`` and write the requested files; returns the result and the paths written."""
+        result = check_runs(self.baseline, current, self.tolerance, self.metrics, self.layers)
+        return result, write_outputs(result, report=report, junit=junit, plot=plot)
 
 
 # -- outputs ------------------------------------------------------------------------------------------------------
@@ -569,20 +532,11 @@ def write_junit(result: CheckResult, path: str | Path) -> Path:
     return atomic_write(Path(path), lambda p: tree.write(p, encoding="utf-8", xml_declaration=True))
 
 
-def panel_grid(n: int) -> tuple[int, int]:
-    """``(rows, columns)`` of a figure with one panel per metric: two columns up to four panels, then three."""
-    ncols = max(1, min(2 if n <= 4 else 3, n))
-    return math.ceil(max(n, 1) / ncols), ncols
-
-
 def plot_check(result: CheckResult):
     """One panel per metric: baseline and current curves, the accepted band shaded, failing layers marked."""
-    import matplotlib.pyplot as plt
-
     metrics = list(dict.fromkeys(result.rows["metric"]))
-    nrows, ncols = panel_grid(len(metrics))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.0 * nrows), squeeze=False, layout="constrained")
-    for i, (ax, metric) in enumerate(zip(axes.flat, metrics, strict=False)):
+    fig, axes = metric_panels(metrics)
+    for ax, metric in zip(axes, metrics, strict=True):
         d = result.rows[result.rows["metric"] == metric].sort_values("layer")
         x = d["layer"].to_numpy()
         ax.plot(x, d["baseline"], marker="o", ms=3.5, lw=1.6, color="C0", label="baseline")
@@ -607,14 +561,7 @@ def plot_check(result: CheckResult):
                     fontsize=8,
                     color="red",
                 )
-        ax.set_title(f"({chr(ord('a') + i)}) {METRIC_LABELS.get(metric, metric)}", loc="left", fontsize=11)
-        ax.set_xlabel("layer (0 = block input)")
-        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8, loc="best")
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.set_visible(False)
     verdict = "passed" if result.passed else f"{len(result.failures)} of {len(result.rows)} failing"
     fig.suptitle(f"oversmooth check: {verdict} ({result.tolerance.describe()})", fontsize=10)
     return fig
@@ -660,20 +607,4 @@ def make_baseline(run: str | Path, dest: str | Path, overwrite: bool = False) ->
     sources = [src.layers_csv, src.folder / "summary.json"]
     if any(s.resolve() == t.resolve() for s, t in zip(sources, targets, strict=True) if t.exists()):
         raise UserError(f"{run} and {dest} are the same folder; give another destination")
-    dest.mkdir(parents=True, exist_ok=True)
-    staged: list[Path] = []
-    try:
-        mode = default_mode()
-        for s in sources:
-            fd, tmp = tempfile.mkstemp(prefix=f".{s.name}.", dir=dest)
-            os.close(fd)
-            staged.append(Path(tmp))
-            Path(tmp).write_bytes(s.read_bytes())
-            os.chmod(tmp, mode)
-        for tmp, target in zip(staged, targets, strict=True):
-            os.replace(tmp, target)
-    finally:
-        for tmp in staged:
-            if tmp.exists():
-                tmp.unlink()
-    return targets
+    return atomic_write_all({t: functools.partial(shutil.copyfile, s) for s, t in zip(sources, targets, strict=True)})

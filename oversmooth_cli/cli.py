@@ -6,8 +6,10 @@ Exit codes: 0 success, 1 a failed check, 2 bad input (one line on stderr saying 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
+import inspect
 import os
 import re
 import shlex
@@ -15,20 +17,36 @@ import sys
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_type_hints
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, EXIT_INTERNAL, UserError
+from .finetune_config import FinetuneConfig
 
 __all__ = ["app", "main"]
 
+_ARGV: list[str] = []
+"""The arguments of the running invocation, after the program name (see :func:`command_line`)."""
+
+
+class _RecordingGroup(TyperGroup):
+    """The command group, remembering the arguments it was invoked with: ``sys.argv[1:]`` from a shell (also under
+    ``python -m`` or ``torchrun``), the list given to ``CliRunner.invoke`` in tests."""
+
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        _ARGV[:] = sys.argv[1:] if args is None else [str(a) for a in args]
+        return super().main(args, *rest, **kwargs)
+
+
 app = typer.Typer(
+    cls=_RecordingGroup,
     name="oversmooth",
     help="Measure, fix and gate over-smoothing in timm Vision Transformers.",
     no_args_is_help=True,
@@ -224,7 +242,7 @@ def _is_main() -> bool:
     """Rank 0, or the only process (torch is imported only when a process group may exist)."""
     if "torch.distributed" not in sys.modules:
         return True
-    from .distributed import is_main
+    from .runtime import is_main
 
     return is_main()
 
@@ -265,43 +283,9 @@ def default_out(model: str, root: str = "oversmooth-runs") -> Path:
     return Path(root) / f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _current_context() -> Any:
-    """The active click context (Typer >= 0.20 vendors its own click; older versions use click itself)."""
-    import importlib
-
-    for module in ("typer._click.globals", "click.globals"):
-        try:
-            ctx = importlib.import_module(module).get_current_context(silent=True)
-        except ImportError:
-            continue
-        if ctx is not None:
-            return ctx
-    return None
-
-
 def command_line() -> str:
-    """The running command, rebuilt from its parsed parameters (reproducible, whatever invoked it)."""
-    ctx = _current_context()
-    if ctx is None:
-        return shlex.join(["oversmooth", *sys.argv[1:]])
-    names, parent = [], ctx
-    while parent.parent is not None:  # sub-command names, whatever the program was called (python -m, torchrun)
-        names.insert(0, parent.info_name)
-        parent = parent.parent
-    words = ["oversmooth", *names]
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        value = value.value if isinstance(value, Enum) else value
-        values = list(value) if isinstance(value, (list, tuple)) else [value]
-        if param.param_type_name == "argument":
-            words += [str(v) for v in values]
-        elif value is not None and value != param.default and not getattr(param, "hidden", False):
-            if getattr(param, "is_flag", False):
-                words += (param.opts if value else param.secondary_opts)[:1]
-            else:
-                for v in values:
-                    words += [param.opts[0], str(v.value if isinstance(v, Enum) else v)]
-    return shlex.join(words)
+    """The running command as typed, without the launcher: ``oversmooth <command> <arguments>``."""
+    return shlex.join(["oversmooth", *_ARGV])
 
 
 def _fit_groups(names: list[str], width: int) -> list[list[str]]:
@@ -447,7 +431,7 @@ def measure_cmd(
 
     out = out or default_out(model)
     check_out_dir(out, overwrite)
-    gate = CheckGate.prepare(baseline, atol, rtol, sigma, direction, None, layers) if baseline else None
+    gate = check_gate(baseline, atol, rtol, sigma, direction, None, layers) if baseline else None
     with make_progress(quiet or json_out) as progress:
         result = measure(
             model,
@@ -509,34 +493,20 @@ def finish_measure(result: Any, out: Path, json_out: bool, quiet: bool) -> None:
 
 
 # -- check, compare, baseline ----------------------------------------------------------------------------------------
-class CheckGate:
-    """A check whose baseline and settings were validated before the (slow) current run exists."""
+def check_gate(
+    baseline: Path,
+    atol: float,
+    rtol: float,
+    sigma: float,
+    direction: Direction,
+    metrics: list[str] | None,
+    layers: str | None,
+) -> Any:
+    """The :class:`~oversmooth_cli.check.CheckGate` the check options describe (baseline loaded, layers parsed)."""
+    from .check import CheckGate, Tolerance
 
-    def __init__(self, baseline: Any, tolerance: Any, metrics: list[str] | None, layers: list[int] | None) -> None:
-        self.baseline, self.tolerance, self.metrics, self.layers = baseline, tolerance, metrics, layers
-
-    @classmethod
-    def prepare(
-        cls,
-        baseline: Path,
-        atol: float,
-        rtol: float,
-        sigma: float,
-        direction: Direction,
-        metrics: list[str] | None,
-        layers: str | None,
-    ) -> CheckGate:
-        from .check import Tolerance, load_run, parse_layers
-
-        tolerance = Tolerance(atol=atol, rtol=rtol, sigma=sigma, direction=direction.value)
-        return cls(load_run(baseline), tolerance, metrics, parse_layers(layers) if layers is not None else None)
-
-    def run(self, current: Path, report: Path | None, junit: Path | None, plot: Path | None) -> tuple[Any, list[Path]]:
-        """Check ``current`` and write the requested files; returns the ``CheckResult`` and the paths written."""
-        from .check import check_runs, write_outputs
-
-        result = check_runs(self.baseline, current, self.tolerance, self.metrics, self.layers)
-        return result, write_outputs(result, report=report, junit=junit, plot=plot)
+    tolerance = Tolerance(atol=atol, rtol=rtol, sigma=sigma, direction=direction.value)
+    return CheckGate.prepare(baseline, tolerance, metrics, layers)
 
 
 def check_table(result: Any) -> Table:
@@ -602,7 +572,7 @@ def check_cmd(
 
     Example: `oversmooth check ci/baseline runs/new --sigma 2 --report report.md --junit junit.xml`
     """
-    gate = CheckGate.prepare(baseline, atol, rtol, sigma, direction, metric, layers)
+    gate = check_gate(baseline, atol, rtol, sigma, direction, metric, layers)
     finish_check(*gate.run(current, report, junit, plot), quiet)
 
 
@@ -676,12 +646,51 @@ def baseline_cmd(
     )
 
 
-class ConsSim(str, Enum):
-    cos = "cos"
-    dot = "dot"
+def _field_option(f: dataclasses.Field, kind: Any) -> inspect.Parameter:
+    """One Typer option for a dataclass field: flags, help, choices and default from the field and its metadata."""
+    meta = f.metadata
+    default = f.default
+    if "parse" in meta:  # given as text on the command line, e.g. --loss cos,cons
+        kind, default = str, ",".join(default)
+    if "choices" in meta:
+        kind = Enum(f.name, {c: c for c in meta["choices"]}, type=str)
+        default = kind(default)
+    flags = meta.get("flags", (f"--{f.name.replace('_', '-')}",))
+    option = typer.Option(*flags, help=meta["help"], show_default=meta.get("show_default", True))
+    annotation = Annotated[kind, option]
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _from_option(f: dataclasses.Field, value: Any) -> Any:
+    if "parse" in f.metadata:
+        return f.metadata["parse"](value)
+    return value.value if isinstance(value, Enum) else value
+
+
+def config_options(config_cls: type, into: str) -> Callable[[F], F]:
+    """Replace the command's parameter ``into`` by one option per field of the dataclass ``config_cls`` (its defaults,
+    help and checks live there, once); the command is called with ``into=config_cls(**the options' values)``."""
+    fields = dataclasses.fields(config_cls)
+    hints = get_type_hints(config_cls)
+    options = [_field_option(f, hints[f.name]) for f in fields]
+
+    def decorate(fn: F) -> F:
+        params = list(inspect.signature(fn, eval_str=True).parameters.values())
+        at = [p.name for p in params].index(into)
+
+        @functools.wraps(fn)
+        def with_config(**kwargs: Any) -> Any:
+            values = {f.name: _from_option(f, kwargs.pop(f.name)) for f in fields}
+            return fn(**kwargs, **{into: config_cls(**values)})
+
+        with_config.__signature__ = inspect.Signature([*params[:at], *options, *params[at + 1 :]])  # type: ignore[attr-defined]
+        return with_config  # type: ignore[return-value]
+
+    return decorate
 
 
 @command("finetune")
+@config_options(FinetuneConfig, into="config")
 def finetune_cmd(
     model: ModelArg,
     train_dir: Annotated[
@@ -690,50 +699,8 @@ def finetune_cmd(
     val_dir: Annotated[
         Path | None, typer.Option("--val-dir", help="Validation images with the same class sub-folders.")
     ] = None,
-    val_split: Annotated[
-        float, typer.Option("--val-split", help="Without --val-dir: stratified fraction of TRAIN_DIR held out.")
-    ] = 0.1,
-    loss: Annotated[
-        str, typer.Option("--loss", help="Terms added to cross-entropy: any of cos,cons,token, or none (control run).")
-    ] = "cos,cons,token",
-    w_cos: Annotated[float, typer.Option("--w-cos", help="Weight of l_cos.")] = 0.5,
-    w_cons: Annotated[float, typer.Option("--w-cons", help="Weight of l_cons.")] = 0.5,
-    w_token: Annotated[float, typer.Option("--w-token", help="Weight of l_token.")] = 1.0,
-    cons_sim: Annotated[
-        ConsSim, typer.Option("--cons-sim", help="l_cons similarity: cos (bounded) or dot (the paper's raw form).")
-    ] = ConsSim.cos,
-    cons_grad_first: Annotated[
-        bool, typer.Option("--cons-grad-first", help="Let l_cons pass gradient into the first block's tokens too.")
-    ] = False,
-    cutmix: Annotated[
-        bool | None,
-        typer.Option("--cutmix/--no-cutmix", help="Patch CutMix.", show_default="on when token is in --loss"),
-    ] = None,
-    cutmix_prob: Annotated[float, typer.Option("--cutmix-prob", help="Chance of CutMix per batch.")] = 0.5,
-    cutmix_alpha: Annotated[float, typer.Option("--cutmix-alpha", help="Kept area ~ Beta(alpha, alpha).")] = 1.0,
-    cutmix_snap: Annotated[
-        bool, typer.Option("--cutmix-snap/--no-cutmix-snap", help="Snap the CutMix box to the patch grid.")
-    ] = True,
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per step and process.")] = 64,
-    lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate.")] = 5e-4,
-    min_lr: Annotated[float, typer.Option("--min-lr", help="Learning rate at the end of the cosine.")] = 1e-6,
-    weight_decay: Annotated[
-        float, typer.Option("--weight-decay", help="AdamW weight decay (not on norms, biases, tokens).")
-    ] = 0.05,
-    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warmup epochs.")] = 1.0,
-    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Gradient norm clip (0: off).")] = 1.0,
-    label_smoothing: Annotated[
-        float, typer.Option("--label-smoothing", help="Label smoothing (image and patch targets).")
-    ] = 0.1,
-    drop_path: Annotated[float, typer.Option("--drop-path", help="Stochastic depth rate.")] = 0.1,
-    accum_steps: Annotated[int, typer.Option("--accum-steps", help="Micro-batches per optimizer step.")] = 1,
-    hflip: Annotated[float, typer.Option("--hflip", help="Horizontal flip chance of the timm train transform.")] = 0.5,
-    crop_scale: Annotated[
-        float, typer.Option("--crop-scale", help="Smallest area of timm's random-resized crop.")
-    ] = 0.08,
-    amp: AmpOpt = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of every random draw.")] = 0,
+    *,
+    config: FinetuneConfig,
     workers: WorkersOpt = 0,
     device: DeviceOpt = "auto",
     out: Annotated[
@@ -762,7 +729,7 @@ def finetune_cmd(
 
     Example: `oversmooth finetune examples/digits-vit data/train --val-dir data/val --loss cos,cons,token`
     """
-    from .finetune import FinetuneConfig, finetune, parse_losses
+    from .finetune import finetune
     from .models import parse_model_args
 
     if resume is not None and out is not None and out.resolve() != resume.resolve():
@@ -770,33 +737,6 @@ def finetune_cmd(
     if resume is None:
         base = default_out(model)
         out = out or base.parent / f"finetune-{base.name}"
-    config = FinetuneConfig(
-        losses=parse_losses(loss),
-        w_cos=w_cos,
-        w_cons=w_cons,
-        w_token=w_token,
-        cons_sim=cons_sim.value,
-        cons_grad_first=cons_grad_first,
-        cutmix=cutmix,
-        cutmix_prob=cutmix_prob,
-        cutmix_alpha=cutmix_alpha,
-        cutmix_snap=cutmix_snap,
-        val_split=val_split,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        min_lr=min_lr,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        grad_clip=grad_clip,
-        label_smoothing=label_smoothing,
-        drop_path=drop_path,
-        accum_steps=accum_steps,
-        hflip=hflip,
-        crop_scale=crop_scale,
-        amp=amp,
-        seed=seed,
-    )
     say = (lambda msg: err_console.print(f"[cyan]Note:[/] {escape(msg)}", highlight=False)) if not quiet else None
     with make_progress(quiet, unit="steps") as progress:
         tasks: dict[int, Any] = {}
@@ -812,7 +752,8 @@ def finetune_cmd(
                 progress.remove_task(tasks[row["epoch"]])
             if not quiet and _is_main():
                 progress.console.print(
-                    f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+                    f"epoch {row['epoch']}/{config.epochs}  loss {row['train_loss']:.4f}  "
+                    f"val loss {row['val_loss']:.4f}  "
                     f"val top-1 {row['val_top1']:.2f}%  last-layer token cosine {row['val_token_cosine']:.4f}  "
                     f"{row['seconds']:.1f}s",
                     highlight=False,
@@ -907,7 +848,7 @@ def main() -> None:
         app()
     finally:
         if "torch.distributed" in sys.modules:
-            from .distributed import shutdown
+            from .runtime import shutdown
 
             shutdown()
 

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .check import Run, load_run, panel_grid
 from .errors import UserError
-from .report import METRIC_LABELS, atomic_write, metric_order, save_figure
+from .report import Run, atomic_write, load_run, metric_order, metric_panels, save_figure
 
 __all__ = ["CompareResult", "compare_runs", "default_labels", "plot_compare", "wide_table", "write_compare"]
 
@@ -94,7 +93,7 @@ def compare_runs(
     """Load several runs and build their wide table.
 
     Args:
-        sources: run folders or ``layers.csv`` files (or loaded :class:`~oversmooth_cli.check.Run` objects).
+        sources: run folders or ``layers.csv`` files (or loaded :class:`~oversmooth_cli.report.Run` objects).
         labels: one legend label per run (default: :func:`default_labels`).
         relative_depth: align runs by ``layer / L`` instead of the layer index.
         metrics: metrics to show (default: every metric any run has).
@@ -134,12 +133,10 @@ def compare_runs(
 
 def plot_compare(result: CompareResult, ci: bool = False, title: str | None = None):
     """One panel per metric, one line per run (with its 95% interval over images shaded when ``ci``)."""
-    import matplotlib.pyplot as plt
-
     metrics = list(dict.fromkeys(result.table["metric"]))
-    nrows, ncols = panel_grid(len(metrics))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.0 * nrows), squeeze=False, layout="constrained")
-    for i, (ax, metric) in enumerate(zip(axes.flat, metrics, strict=False)):
+    xlabel = "relative depth (layer / L)" if result.relative_depth else "layer (0 = block input)"
+    fig, axes = metric_panels(metrics, xlabel, integer_x=not result.relative_depth)
+    for ax, metric in zip(axes, metrics, strict=True):
         for j, (run, label) in enumerate(zip(result.runs, result.labels, strict=True)):
             d = _long(run, label, result.relative_depth, [metric]).sort_values("x")
             if d.empty:
@@ -148,15 +145,7 @@ def plot_compare(result: CompareResult, ci: bool = False, title: str | None = No
             ax.plot(d["x"], d["mean"], marker="o", ms=3.5, lw=1.6, color=color, label=label)
             if ci:
                 ax.fill_between(d["x"], d["ci95_low"], d["ci95_high"], color=color, alpha=0.12, lw=0)
-        ax.set_title(f"({chr(ord('a') + i)}) {METRIC_LABELS.get(metric, metric)}", loc="left", fontsize=11)
-        ax.set_xlabel("relative depth (layer / L)" if result.relative_depth else "layer (0 = block input)")
-        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-        ax.grid(alpha=0.3)
-        if not result.relative_depth:
-            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8, loc="best")
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.set_visible(False)
     shaded = " (shaded: 95% CI over images)" if ci else ""
     fig.suptitle(f"{title or f'oversmooth compare: {len(result.runs)} runs'}{shaded}", fontsize=10)
     return fig

@@ -1,29 +1,42 @@
-"""Image discovery and robust decoding, streamed through a DataLoader with the model's own eval transform."""
+"""The input pipeline: image discovery and robust decoding, streamed through a DataLoader with the model's own eval
+transform (``measure``), and labelled ImageFolder data with seeded augmentation and per-rank sampling (``finetune``).
+"""
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable, Sequence
+import signal
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import UserError
+from .runtime import derive_seed, seeded
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageBatch",
     "ImagePathDataset",
+    "LabelledImages",
+    "Sample",
+    "ShardSampler",
     "build_loader",
     "build_transform",
+    "discover_classes",
     "find_images",
+    "ignore_sigint",
     "load_rgb",
+    "prepare_data",
     "sample_paths",
     "shard_paths",
+    "stratified_split",
+    "train_transform",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -167,4 +180,134 @@ def build_loader(
         collate_fn=collate_images,
         pin_memory=pin_memory,
         persistent_workers=False,
+    )
+
+
+# -- labelled images (ImageFolder layout) for training --------------------------------------------------------------
+Sample = tuple[Path, int]
+"""``(image path, class index)``."""
+
+
+def discover_classes(root: str | Path, flag: str = "TRAIN_DIR") -> dict[str, list[Path]]:
+    """Images per class of an ImageFolder layout ``root/<class>/...`` (classes sorted by name, files recursive)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{flag} {root} is not a folder (expected {root}/<class>/<image>, the ImageFolder layout)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(f"{flag} {root} has no class sub-folders; expected {root}/<class>/<image> (ImageFolder layout)")
+    if len(classes) < 2:
+        raise UserError(f"{flag} {root} has one class folder ({classes[0]}); classification needs at least 2 classes")
+    per_class = {
+        c: sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        for c in classes
+    }
+    empty = [c for c in classes if not per_class[c]]
+    if empty:
+        raise UserError(
+            f"class folder {root / empty[0]} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove it"
+        )
+    return per_class
+
+
+def stratified_split(
+    per_class: dict[str, list[Path]], fraction: float, seed: int
+) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+    """Hold out ``round(fraction * n_c)`` random images of every class (each class keeps at least one for training)."""
+    rng = random.Random(seed)
+    train, val = {}, {}
+    for c, paths in per_class.items():
+        shuffled = list(paths)
+        rng.shuffle(shuffled)
+        k = min(len(paths) - 1, round(fraction * len(paths)))
+        val[c], train[c] = sorted(shuffled[:k]), sorted(shuffled[k:])
+    if not any(val.values()):
+        raise UserError(f"--val-split {fraction} holds out no image; raise it or give --val-dir")
+    return train, val
+
+
+def _samples(per_class: dict[str, list[Path]], classes: list[str]) -> list[Sample]:
+    return [(p, classes.index(c)) for c in classes for p in per_class.get(c, [])]
+
+
+def prepare_data(
+    train_dir: str | Path, val_dir: str | Path | None, val_split: float, seed: int
+) -> tuple[list[str], list[Sample], list[Sample]]:
+    """Class names, training samples and validation samples ``(path, label)``."""
+    train = discover_classes(train_dir)
+    classes = list(train)
+    if val_dir is None:
+        train, val = stratified_split(train, val_split, seed)
+    else:
+        val = discover_classes(val_dir, "--val-dir")
+        if list(val) != classes:
+            missing = sorted(set(classes) - set(val))
+            extra = sorted(set(val) - set(classes))
+            raise UserError(
+                f"--val-dir {val_dir} has other classes than {train_dir}: missing {missing or 'none'}, "
+                f"extra {extra or 'none'}; both need the same class folders"
+            )
+    return classes, _samples(train, classes), _samples(val, classes)
+
+
+class LabelledImages(Dataset):
+    """``(image tensor, label)``; with ``seed``, the augmentation of image ``i`` in epoch ``e`` is seeded by both."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, seed: int | None = None) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            image = load_rgb(path)
+        except Exception as e:
+            raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        if self.seed is None:
+            return self.transform(image), label
+        with seeded(derive_seed(self.seed, "item", self.epoch, index)):
+            return self.transform(image), label
+
+
+class ShardSampler(Sampler[int]):
+    """This rank's part of a per-epoch permutation (padded by wrapping so every rank gets as many), minus ``skip``."""
+
+    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.rank, self.world, self.skip = n, seed, epoch, rank, world, skip
+
+    def indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
+        order = torch.randperm(self.n, generator=g).tolist()
+        total = math.ceil(self.n / self.world) * self.world
+        order = (order * math.ceil(total / self.n))[:total]
+        return order[self.rank :: self.world][self.skip :]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        return max(0, math.ceil(self.n / self.world) - self.skip)
+
+
+def ignore_sigint(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers leave Ctrl-C to the main process (which stops at the next step)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def train_transform(data_config: dict[str, Any], hflip: float, crop_scale: float) -> Callable:
+    """timm's training transform for the model's data config (random-resized crop down to ``crop_scale`` of the
+    area, horizontal flip with chance ``hflip``, colour jitter)."""
+    from timm.data import create_transform
+
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return create_transform(
+        **{k: data_config[k] for k in keys if k in data_config},
+        is_training=True,
+        hflip=hflip,
+        scale=(crop_scale, 1.0),
     )

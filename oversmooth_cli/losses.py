@@ -10,20 +10,26 @@ autograd can differentiate:
 * :func:`l_token`: every patch token goes through the model's own final norm and classifier head
   (:func:`token_head_logits`) and is scored against a soft per-patch target (:func:`patch_cutmix`).
 
-:data:`LOSS_TERMS` registers the three terms by the names ``--loss`` accepts.
+:data:`LOSS_TERMS` registers the three terms by the names ``--loss`` accepts. :class:`PatchDiversificationLoss`
+adds the chosen terms to any training loop: it reads the tokens from the model's normal forward pass.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
+from .adapters import FamilyAdapter, resolve_adapter
+from .capture import block_tokens
+from .errors import UserError
+from .finetune_config import FinetuneConfig
 from .metrics import EPS, to_float, token_cosine
 
 __all__ = [
@@ -32,6 +38,7 @@ __all__ = [
     "TOKEN_HEAD_PATHS",
     "CutMixBox",
     "LossTerm",
+    "PatchDiversificationLoss",
     "TermInputs",
     "cosine_similarity",
     "dot_similarity",
@@ -42,7 +49,6 @@ __all__ = [
     "patch_cutmix",
     "rand_box",
     "smooth_one_hot",
-    "soft_cross_entropy",
     "token_head_logits",
 ]
 
@@ -96,9 +102,7 @@ def l_cons(e: torch.Tensor, h: torch.Tensor, sim: str = "cos", grad_first: bool 
     return (torch.logaddexp(positive, negative) - positive).mean()
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``-sum_c y_c log softmax(z)_c`` over the last dimension, one value per row (no reduction)."""
-    return -(targets * F.log_softmax(to_float(logits), dim=-1)).sum(dim=-1)
+_soft_cross_entropy = SoftTargetCrossEntropy()  # -sum_c y_c log softmax(z)_c over the last dim, mean over the rest
 
 
 def l_token(token_logits: torch.Tensor, patch_targets: torch.Tensor) -> torch.Tensor:
@@ -108,7 +112,7 @@ def l_token(token_logits: torch.Tensor, patch_targets: torch.Tensor) -> torch.Te
         token_logits: ``(B, n, C)`` classifier logits of every patch token (see :func:`token_head_logits`).
         patch_targets: ``(B, n, C)`` per-patch target distributions.
     """
-    return soft_cross_entropy(token_logits, patch_targets).mean()
+    return _soft_cross_entropy(to_float(token_logits), patch_targets)
 
 
 # -- per-token classifier -------------------------------------------------------------------------------------
@@ -262,12 +266,10 @@ class TermInputs:
 
 @dataclass(frozen=True)
 class LossTerm:
-    """One ``--loss`` term: its function of :class:`TermInputs`, default weight and whether it needs token logits."""
+    """One ``--loss`` term: its function of :class:`TermInputs` and its formula (for the reader)."""
 
     name: str
     fn: Callable[[TermInputs], torch.Tensor]
-    default_weight: float
-    needs_token_logits: bool
     definition: str
 
 
@@ -275,22 +277,91 @@ LOSS_TERMS: dict[str, LossTerm] = {
     "cos": LossTerm(
         "cos",
         lambda t: l_cos(t.h),
-        0.5,
-        False,
         "1/(n(n-1)) sum_{i!=j} cos(h_i, h_j), mean over images (the token_cosine metric)",
     ),
     "cons": LossTerm(
         "cons",
         lambda t: l_cons(t.e, t.h, t.cons_sim, t.cons_grad_first),
-        0.5,
-        False,
         "-1/n sum_i log(exp(s(e_i,h_i)) / (exp(s(e_i,h_i)) + exp(s(e_i, mean_j h_j)))), mean over images",
     ),
     "token": LossTerm(
         "token",
         lambda t: l_token(t.token_logits, t.patch_targets),
-        1.0,
-        True,
         "1/n sum_i CE(head(norm(h_i)), y_i) with soft per-patch targets, mean over images",
     ),
 }
+
+
+# -- the terms of one forward pass ------------------------------------------------------------------------------
+class PatchDiversificationLoss(nn.Module):
+    """The weighted patch-diversification terms of a model's own forward pass, ``sum_t w_t * l_t``.
+
+    The first and the last block's patch tokens are read while the forward pass that is wrapped runs
+    (:func:`~oversmooth_cli.capture.block_tokens`, the token path of ``measure``), so no second forward is needed;
+    ``l_token`` runs the last block's tokens through the model's own final norm and head inside that pass (and its
+    autocast), and every term is then computed in float32 or wider outside autocast. Example::
+
+        criterion = PatchDiversificationLoss(model, ("cos", "cons"), {"cos": 0.5, "cons": 0.5})
+        logits, diversity, terms = criterion(lambda: model(images))
+        (F.cross_entropy(logits, labels) + diversity).backward()
+
+    Args:
+        model: the (unwrapped) timm model whose blocks are read; its forward may run through a wrapper (DDP).
+        terms: names from :data:`LOSS_TERMS` (empty: no term, the weighted sum is 0).
+        weights: weight per term (default: :class:`~oversmooth_cli.finetune_config.FinetuneConfig`'s).
+        cons_sim: similarity of ``l_cons`` (:data:`SIMILARITIES`).
+        cons_grad_first: let ``l_cons`` pass gradient into the first block's tokens too.
+        adapter: the model's family adapter (default: resolved from the model).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        terms: Sequence[str] = tuple(LOSS_TERMS),
+        weights: Mapping[str, float] | None = None,
+        cons_sim: str = "cos",
+        cons_grad_first: bool = False,
+        adapter: FamilyAdapter | None = None,
+    ) -> None:
+        super().__init__()
+        unknown = [t for t in terms if t not in LOSS_TERMS]
+        if unknown or cons_sim not in SIMILARITIES:
+            raise ValueError(f"unknown terms {unknown} or similarity {cons_sim!r}; see LOSS_TERMS and SIMILARITIES")
+        self.adapter = adapter or resolve_adapter(model)
+        if "token" in terms and self.adapter.name not in TOKEN_HEAD_PATHS:
+            raise UserError(
+                f"--loss token has no per-token head for {self.adapter.name} models (supported: "
+                f"{', '.join(TOKEN_HEAD_PATHS)}); use --loss cos,cons"
+            )
+        self.__dict__["model"] = model  # read, not owned: not a submodule, so the loss holds no parameters
+        self.terms = tuple(terms)
+        self.weights = {t: float((weights or FinetuneConfig().weights)[t]) for t in self.terms}
+        self.cons_sim, self.cons_grad_first = cons_sim, cons_grad_first
+
+    def forward(
+        self, forward_fn: Callable[[], torch.Tensor], patch_targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Run ``forward_fn`` (e.g. ``lambda: model(x)``) and score the tokens it produced.
+
+        Args:
+            forward_fn: the model's normal forward pass, returning its output.
+            patch_targets: ``(B, n, C)`` per-patch target distributions (needed by ``token``).
+
+        Returns:
+            ``(forward_fn's output, weighted sum of the terms, {term: unweighted value})``.
+        """
+        with block_tokens(self.model, self.adapter, (0, -1) if self.terms else ()) as tokens:
+            output = forward_fn()
+            h = tokens.get(-1)
+            token_logits = token_head_logits(self.model, h, self.adapter.name) if "token" in self.terms else None
+        if not self.terms:
+            return output, torch.zeros((), device=output.device), {}
+        if "cons" in self.terms and tokens[0].shape != h.shape:
+            raise UserError(
+                f"--loss cons needs first- and last-block tokens of one shape; this model gives "
+                f"{tuple(tokens[0].shape)} and {tuple(h.shape)}; use --loss cos,token"
+            )
+        inputs = TermInputs(h, tokens[0], token_logits, patch_targets, self.cons_sim, self.cons_grad_first)
+        with torch.autocast(h.device.type, enabled=False):
+            values = {name: LOSS_TERMS[name].fn(inputs) for name in self.terms}
+        return output, sum(self.weights[n] * values[n] for n in self.terms), values

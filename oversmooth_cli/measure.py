@@ -5,11 +5,15 @@ The command line is a thin wrapper over :func:`measure` and :func:`write_run`; b
     from oversmooth_cli import measure, write_run
     result = measure("examples/digits-vit", "examples/images")
     write_run(result, "runs/digits")
+
+The path of the data: :func:`measure` finds and shards the images, loads the model and calls
+:func:`measure_batches` (forward passes under an :class:`~oversmooth_cli.capture.OversmoothingCapture` that feeds an
+:class:`~oversmooth_cli.accumulate.OversmoothingAccumulator`), sums the statistics over processes, and turns them into
+the per-layer and per-head tables plus :func:`build_summary`'s ``summary.json``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import logging
 import sys
@@ -24,20 +28,13 @@ import timm
 import torch
 
 from . import __version__
-from . import distributed as D
-from .capture import LayerInfo, OversmoothingCapture, UnsupportedModelError, model_family
+from . import runtime as D
+from .accumulate import OversmoothingAccumulator
+from .adapters import model_family
+from .capture import LayerInfo, OversmoothingCapture
 from .data import build_loader, find_images, sample_paths, shard_paths
 from .errors import UserError
-from .metrics import (
-    ALL_METRICS,
-    ATTENTION_METRICS,
-    DEFAULT_METRICS,
-    METRIC_PRESETS,
-    METRICS_VERSION,
-    TOKEN_METRICS,
-    OversmoothingAccumulator,
-    describe_metric,
-)
+from .metrics import DEFAULT_METRICS, METRICS_VERSION, describe_metric, parse_metrics, split_metrics
 from .models import LoadedModel, load_model
 from .report import (
     HEAD_COLUMNS,
@@ -49,14 +46,14 @@ from .report import (
     staged_dir,
     write_json,
 )
+from .taps import UnsupportedModelError
 
 __all__ = [
-    "DEFAULT_METRICS",
+    "BatchesResult",
     "MeasureResult",
+    "build_summary",
     "measure",
     "measure_batches",
-    "parse_metrics",
-    "resolve_device",
     "write_run",
 ]
 
@@ -76,55 +73,23 @@ class MeasureResult:
     accumulator: OversmoothingAccumulator = field(repr=False)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; refuses what is absent."""
-    name = name.strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps asked for Apple MPS, which is not available here; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unsupported --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    return device
+@dataclass
+class BatchesResult:
+    """What :func:`measure_batches` returns: the filled accumulator and what the capture found out.
 
-
-def parse_metrics(spec: str | Sequence[str]) -> list[str]:
-    """Metric names from ``--metrics``: comma-separated names and presets (``default``, ``cheap``, ``all``).
-
-    Args:
-        spec: e.g. ``"default,effective_rank"``, ``"all"`` or ``["token_cosine", "layer_cka"]``.
-
-    Returns:
-        The selected metrics once each, in registry order (token metrics first).
-
-    Raises:
-        UserError: an empty selection or an unknown name.
+    Attributes:
+        accumulator: the statistics of this process's images (not yet summed over processes).
+        layers: one :class:`~oversmooth_cli.capture.LayerInfo` per measured layer, layer 0 first.
+        unavailable: ``{metric: reason}`` for selected metrics the model cannot give.
+        attention_tap: the tap ``auto`` resolved to.
+        compiled: the ``torch.compile``'d forward was used to the end.
     """
-    items = [spec] if isinstance(spec, str) else list(spec)
-    names = [word.strip() for item in items for word in str(item).split(",") if word.strip()]
-    if not names:
-        raise UserError(f"--metrics selects nothing; give metric names or one of {', '.join(METRIC_PRESETS)}")
-    unknown = [n for n in names if n not in ALL_METRICS and n not in METRIC_PRESETS]
-    if unknown:
-        raise UserError(
-            f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(ALL_METRICS)}, or {', '.join(METRIC_PRESETS)}"
-        )
-    chosen = {m for n in names for m in METRIC_PRESETS.get(n, (n,))}
-    return [m for m in ALL_METRICS if m in chosen]
 
-
-def _split_metrics(metrics: str | Sequence[str]) -> tuple[list[str], list[str]]:
-    names = parse_metrics(metrics)
-    return [m for m in names if m in TOKEN_METRICS], [m for m in names if m in ATTENTION_METRICS]
+    accumulator: OversmoothingAccumulator
+    layers: list[LayerInfo]
+    unavailable: dict[str, str]
+    attention_tap: str
+    compiled: bool
 
 
 def _forward(model: torch.nn.Module, images: torch.Tensor) -> Any:
@@ -176,12 +141,11 @@ def measure_batches(
     attention_tap: str = "auto",
     on_batch: Callable[[int, list[tuple[int, str]]], None] | None = None,
     include_prefix: bool = False,
-    unavailable: dict[str, str] | None = None,
     *,
     channels_last: bool = False,
     compile: bool = False,
-    run_info: dict[str, Any] | None = None,
-) -> tuple[OversmoothingAccumulator, list[LayerInfo]]:
+    inference: bool = True,
+) -> BatchesResult:
     """Reduce batches ``(images, indices, failures)`` to a filled accumulator (the core loop, no I/O).
 
     Args:
@@ -189,21 +153,17 @@ def measure_batches(
         batches: iterable of ``(images or None, indices, [(index, error)])`` as the loader yields them.
         device: where the forward runs.
         amp: bf16 autocast on CUDA (metric arithmetic stays float32).
-        metrics: names of token and attention metrics, or presets (see :func:`parse_metrics`).
+        metrics: names of token and attention metrics, or presets (see :func:`~oversmooth_cli.metrics.parse_metrics`).
         attention_tap: ``auto``, ``qk``, ``inline`` or ``softmax`` (see :mod:`oversmooth_cli.adapters`).
         on_batch: ``on_batch(n_images_in_batch, failures)`` after each batch.
         include_prefix: token metrics measure prefix tokens too (``--include-prefix``).
-        unavailable: filled with ``{metric: reason}`` for selected metrics the model cannot give.
         channels_last: run the model and the images in ``torch.channels_last`` memory format (restored after).
         compile: ``torch.compile`` the forward pass; falls back to eager with one warning line if that fails.
-        run_info: filled with ``{"compiled": bool, "attention_tap": str}`` (whether the compiled forward was used to
-            the end; the tap ``auto`` resolved to).
+        inference: run under ``torch.inference_mode`` (default) or ``torch.no_grad`` (the monitor, between training
+            steps: a tensor a module caches during the pass must stay usable by autograd afterwards).
     """
-    token_metrics, attention_metrics = _split_metrics(metrics)
+    token_metrics, attention_metrics = split_metrics(metrics)
     acc = OversmoothingAccumulator()
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
-    )
     non_blocking = device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     capture = OversmoothingCapture(
@@ -213,25 +173,44 @@ def measure_batches(
         model.to(memory_format=torch.channels_last)
     forward = _Forward(model, compile)
     try:
-        with capture as cap, torch.inference_mode():
+        with capture as cap, torch.inference_mode() if inference else torch.no_grad():
             for images, _indices, failures in batches:
                 n = 0
                 if images is not None:
-                    with autocast:
+                    with D.autocast(device, amp):
                         forward(images.to(device, non_blocking=non_blocking, memory_format=memory_format))
                     acc.update(*cap.pop_batch())
                     n = images.shape[0]
                 if on_batch is not None:
                     on_batch(n, failures)
-            if unavailable is not None:
-                unavailable.update(cap.unavailable)
-            if run_info is not None:
-                run_info["compiled"] = forward.compiled is not None
-                run_info["attention_tap"] = cap.attention_tap
-            return acc, cap.layers
+            return BatchesResult(
+                acc, cap.layers, dict(cap.unavailable), cap.attention_tap, forward.compiled is not None
+            )
     finally:
         if channels_last:
             model.to(memory_format=torch.contiguous_format)
+
+
+@dataclass
+class _Reader:
+    """Per-batch bookkeeping of :func:`measure`: unreadable files (an error under ``strict``) and progress."""
+
+    paths: Sequence[Path]
+    """This process's shard of the images."""
+    total: int
+    strict: bool
+    progress: ProgressFn | None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    done: int = 0
+
+    def __call__(self, n: int, failures: list[tuple[int, str]]) -> None:
+        for i, err in failures:
+            if self.strict:
+                raise UserError(f"cannot read image {self.paths[i]}: {err} (drop --strict to skip unreadable files)")
+            self.skipped.append({"path": str(self.paths[i]), "reason": err})
+        self.done += n + len(failures)
+        if self.progress is not None and D.is_main():
+            self.progress(min(self.done * D.world_size(), self.total), self.total)
 
 
 def measure(
@@ -274,7 +253,7 @@ def measure(
         seed: seed of the sample.
         strict: an unreadable image is an error instead of being skipped and listed.
         metrics: metric names or presets, e.g. ``"all"`` or ``["default", "effective_rank"]`` (default:
-            ``token_cosine``, ``attention_std``; see :func:`parse_metrics`).
+            ``token_cosine``, ``attention_std``; see :func:`~oversmooth_cli.metrics.parse_metrics`).
         include_prefix: token metrics measure the prefix tokens (class, distillation, registers) too.
         attention_tap: ``auto`` (``inline`` on CPU, ``qk`` on GPUs), ``qk`` (fused attention kept, statistics from
             q and k), ``inline`` (attention computed once by the capture) or ``softmax`` (the model's unfused path).
@@ -289,10 +268,7 @@ def measure(
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     metrics = parse_metrics(metrics)
-    dev = resolve_device(device)
-    distributed = D.init_from_env(dev)
-    if distributed and dev.type == "cuda":
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = D.setup_device(device)
     all_paths = list(images) if isinstance(images, (list, tuple)) else find_images(images)
     paths = sample_paths(all_paths, limit, seed)
     loaded = (
@@ -301,97 +277,113 @@ def measure(
         else load_model(model, arch, pretrained, model_args, strict=strict_load, trust_checkpoint=trust_checkpoint)
     )
     net = loaded.model.to(dev).eval()
-    my_paths = shard_paths(paths, D.rank(), D.world_size())
-    loader = build_loader(my_paths, loaded.data_config, batch_size, workers, pin_memory=dev.type == "cuda")
-
-    skipped: list[dict[str, str]] = []
-    done = [0]
-
-    def on_batch(n: int, failures: list[tuple[int, str]]) -> None:
-        for i, err in failures:
-            if strict:
-                raise UserError(f"cannot read image {my_paths[i]}: {err} (drop --strict to skip unreadable files)")
-            skipped.append({"path": str(my_paths[i]), "reason": err})
-        done[0] += n + len(failures)
-        if progress is not None and D.is_main():
-            progress(min(done[0] * D.world_size(), len(paths)), len(paths))
-
-    unavailable: dict[str, str] = {}
-    run_info: dict[str, Any] = {}
+    reader = _Reader(shard_paths(paths, D.rank(), D.world_size()), len(paths), strict, progress)
+    loader = build_loader(reader.paths, loaded.data_config, batch_size, workers, pin_memory=dev.type == "cuda")
     start = time.perf_counter()
     try:
-        acc, layers = measure_batches(
+        batches = measure_batches(
             net,
             loader,
             dev,
             amp,
             metrics,
             attention_tap,
-            on_batch,
+            reader,
             include_prefix,
-            unavailable=unavailable,
             channels_last=channels_last,
             compile=compile,
-            run_info=run_info,
         )
     except UnsupportedModelError as e:
         raise UserError(str(e)) from e
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    acc.all_reduce()
-    skipped = [s for part in D.all_gather_objects(skipped) for s in part]
+    batches.accumulator.all_reduce()
+    skipped = [s for part in D.all_gather_objects(reader.skipped) for s in part]
     seconds = time.perf_counter() - start
-    n_images = acc.n_images
-    if n_images == 0 and skipped:
-        raise UserError(f"none of the {len(paths)} images could be read (first error: {skipped[0]['reason']})")
-    if n_images == 0:
-        reasons = "; ".join(f"{name}: {why}" for name, why in unavailable.items()) or "no layer gave a value"
-        raise UserError(f"no selected metric applies to this model ({reasons}); choose others with --metrics")
+    _require_values(batches, skipped, len(paths))
+    layer_df = layer_table(batches)
+    head_df = pd.DataFrame(list(batches.accumulator.head_rows()), columns=HEAD_COLUMNS)
+    n_images = batches.accumulator.n_images
+    source = f"{len(images)} paths" if isinstance(images, (list, tuple)) else str(images)
+    counts = {"source": source, "found": len(all_paths), "selected": len(paths), "measured": n_images}
+    image_info = {**counts, "skipped": len(skipped), "skipped_files": skipped, "limit": limit, "seed": seed}
+    run_info = {
+        "device": str(dev),
+        "dtype": "bfloat16" if amp and dev.type == "cuda" else "float32",
+        "metric_dtype": "float32 (accumulated in float64)",
+        "amp": bool(amp and dev.type == "cuda"),
+        "batch_size": batch_size,
+        "workers": workers,
+        "attention_tap": batches.attention_tap,
+        "channels_last": channels_last,
+        "compile": compile,
+        "compiled": batches.compiled,
+        "include_prefix": include_prefix,
+        "world_size": D.world_size(),
+        "seconds": round(seconds, 4),
+        "images_per_second": round(n_images / seconds, 3) if seconds > 0 else None,
+    }
+    summary = build_summary(loaded, batches, layer_df, metrics, image_info, run_info, include_prefix, command)
+    return MeasureResult(layer_df, head_df, summary, batches.accumulator)
 
-    layer_df = pd.DataFrame(list(acc.layer_rows()), columns=LAYER_COLUMNS)
-    info = {layer.index: layer for layer in layers}
-    layer_df["stage"] = [info[i].stage for i in layer_df["layer"]]
-    layer_df["n_tokens"] = pd.array([info[i].n_tokens for i in layer_df["layer"]], dtype="Int64")
-    head_df = pd.DataFrame(list(acc.head_rows()), columns=HEAD_COLUMNS)
-    summary = {
+
+def _require_values(batches: BatchesResult, skipped: list[dict[str, str]], n_selected: int) -> None:
+    """Refuse a run that measured nothing: every image unreadable, or no selected metric applies to the model."""
+    if batches.accumulator.n_images > 0:
+        return
+    if skipped:
+        raise UserError(f"none of the {n_selected} images could be read (first error: {skipped[0]['reason']})")
+    reasons = "; ".join(f"{name}: {why}" for name, why in batches.unavailable.items()) or "no layer gave a value"
+    raise UserError(f"no selected metric applies to this model ({reasons}); choose others with --metrics")
+
+
+def layer_table(batches: BatchesResult) -> pd.DataFrame:
+    """The ``layers.csv`` rows (:data:`~oversmooth_cli.report.LAYER_COLUMNS`), with each layer's stage and tokens."""
+    df = pd.DataFrame(list(batches.accumulator.layer_rows()), columns=LAYER_COLUMNS)
+    info = {layer.index: layer for layer in batches.layers}
+    df["stage"] = [info[i].stage for i in df["layer"]]
+    df["n_tokens"] = pd.array([info[i].n_tokens for i in df["layer"]], dtype="Int64")
+    return df
+
+
+def build_summary(
+    loaded: LoadedModel,
+    batches: BatchesResult,
+    layer_df: pd.DataFrame,
+    metrics: Sequence[str],
+    images: dict[str, Any],
+    run: dict[str, Any],
+    include_prefix: bool = False,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """What ``summary.json`` holds: provenance, model, image counts, run settings, metric definitions, curves.
+
+    Args:
+        loaded: the measured model.
+        batches: what :func:`measure_batches` returned (statistics already summed over processes).
+        layer_df: :func:`layer_table` of ``batches``.
+        metrics: the selected metrics (measured or not).
+        images: the ``images`` section (source, counts, skipped files, sample settings).
+        run: the ``run`` section (device, dtypes, batch settings, timing).
+        include_prefix: ``--include-prefix`` was given.
+        command: the command line (default: ``sys.argv``).
+    """
+    measured = set(layer_df["metric"])
+    return {
         "tool": "oversmooth",
         "version": __version__,
         "metrics_version": METRICS_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command if command is not None else " ".join(sys.argv),
-        "model": {**loaded.describe(), "family": model_family(net)},
+        "model": {**loaded.describe(), "family": model_family(loaded.model)},
         "data_config": loaded.data_config,
-        "images": {
-            "source": str(images) if not isinstance(images, (list, tuple)) else f"{len(images)} paths",
-            "found": len(all_paths),
-            "selected": len(paths),
-            "measured": n_images,
-            "skipped": len(skipped),
-            "skipped_files": skipped,
-            "limit": limit,
-            "seed": seed,
-        },
-        "run": {
-            "device": str(dev),
-            "dtype": "bfloat16" if amp and dev.type == "cuda" else "float32",
-            "metric_dtype": "float32 (accumulated in float64)",
-            "amp": bool(amp and dev.type == "cuda"),
-            "batch_size": batch_size,
-            "workers": workers,
-            "attention_tap": run_info.get("attention_tap", attention_tap),
-            "channels_last": channels_last,
-            "compile": compile,
-            "compiled": run_info.get("compiled", False),
-            "include_prefix": include_prefix,
-            "world_size": D.world_size(),
-            "seconds": round(seconds, 4),
-            "images_per_second": round(n_images / seconds, 3) if seconds > 0 else None,
-        },
+        "images": images,
+        "run": run,
         "metrics": {
             name: {
                 **describe_metric(name, include_prefix),
-                "measured": name in set(layer_df["metric"]),
-                **({"unavailable": unavailable[name]} if name in unavailable else {}),
+                "measured": name in measured,
+                **({"unavailable": batches.unavailable[name]} if name in batches.unavailable else {}),
             }
             for name in metrics
         },
@@ -399,7 +391,7 @@ def measure(
             m: layer_df[layer_df["metric"] == m].sort_values("layer")["mean"].tolist()
             for m in layer_df["metric"].unique()
         },
-        "n_layers": len(layers) - 1,
+        "n_layers": len(batches.layers) - 1,
         "layer_info": [
             {
                 "layer": layer.index,
@@ -409,11 +401,10 @@ def measure(
                 "token_metrics": layer.has_tokens,
                 "attention_metrics": layer.has_attention,
             }
-            for layer in layers
+            for layer in batches.layers
         ],
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
-    return MeasureResult(layer_df, head_df, summary, acc)
 
 
 def write_run(result: MeasureResult, out: str | Path, overwrite: bool = False, per_head: bool = False) -> Path:

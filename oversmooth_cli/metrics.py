@@ -1,4 +1,4 @@
-"""Over-smoothing metrics: pure tensor functions and streaming, mergeable accumulators.
+"""Over-smoothing metrics: the pure tensor formulas and the metric registry.
 
 Every formula lives here once. The capture code, the losses, the reports and ``check`` all call these
 functions; the tests compare each one with a float64 brute-force loop.
@@ -6,22 +6,28 @@ functions; the tests compare each one with a float64 brute-force loop.
 Token metrics take patch tokens ``(..., n, d)`` and return one value per image ``(...)``.
 Attention metrics take softmax attention rows ``(..., Q, K)`` and return one value per query row
 ``(..., Q)``; the caller averages rows into a per-head and a per-layer figure, which lets the capture
-code compute them on chunks of queries without ever holding a full ``T x T`` matrix.
+code compute them on chunks of queries without ever holding a full ``T x T`` matrix
+(:mod:`oversmooth_cli.attention`).
 
 Cross-layer metrics compare layer ``l - 1`` with layer ``l`` of the same image (``inputs="consecutive"`` in the
 registry): :func:`linear_cka` on token matrices, and :func:`attention_column_sums` /
 :func:`column_cosine` on attention maps, whose column sums add up over query chunks.
+
+The registry (:data:`TOKEN_METRICS`, :data:`ATTENTION_METRICS`) says what the capture feeds each metric, how to read
+it and where its definition comes from; :func:`parse_metrics` turns ``--metrics`` into registry names. Streaming
+statistics over images live in :mod:`oversmooth_cli.accumulate`, token positions in :mod:`oversmooth_cli.geometry`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .errors import UserError
 
 __all__ = [
     "ALL_METRICS",
@@ -32,8 +38,6 @@ __all__ = [
     "METRIC_PRESETS",
     "TOKEN_METRICS",
     "MetricDef",
-    "OversmoothingAccumulator",
-    "RunningMoments",
     "attention_column_sums",
     "attention_row_distance",
     "attention_row_entropy",
@@ -45,14 +49,13 @@ __all__ = [
     "cross_layer_attention_similarity",
     "describe_metric",
     "effective_rank",
-    "infer_grid",
-    "iter_attention_probs",
     "layer_span",
     "linear_cka",
     "metric_def",
-    "pairwise_distances",
-    "patch_positions",
+    "parse_metrics",
     "rank_collapse",
+    "split_metrics",
+    "to_float",
     "token_abs_cosine",
     "token_cosine",
 ]
@@ -62,9 +65,6 @@ METRICS_VERSION = "1"
 
 EPS = 1e-8
 """Norm floor for L2 normalisation (a zero token has cosine 0 with everything)."""
-
-Z_95 = 1.959963984540054
-"""Two-sided 95% normal quantile used for the confidence interval of a mean over images."""
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -315,51 +315,6 @@ def cross_layer_attention_similarity(prev: torch.Tensor, cur: torch.Tensor) -> t
     return column_cosine(*attention_column_sums(prev, cur))
 
 
-# -- token positions for attention distance --------------------------------------------------------------------
-def infer_grid(n_patches: int, grid: tuple[int, int]) -> tuple[int, int]:
-    """The patch grid behind ``n_patches`` tokens: ``grid`` when it fits, else (dynamic image size) the factor pair
-    ``(rows, cols)`` whose aspect ratio is closest to ``grid``'s (a square grid for a square number of patches;
-    on a tie, the landscape pair with ``rows < cols``).
-
-    Raises:
-        ValueError: ``n_patches < 1``.
-    """
-    if n_patches < 1:
-        raise ValueError(f"no patch tokens to place on a grid ({n_patches})")
-    if grid[0] * grid[1] == n_patches:
-        return int(grid[0]), int(grid[1])
-    aspect = math.log(grid[0] / grid[1])
-    pairs = [(r, n_patches // r) for r in range(1, n_patches + 1) if n_patches % r == 0]
-    return min(pairs, key=lambda rc: (round(abs(math.log(rc[0] / rc[1]) - aspect), 9), rc[0] > rc[1]))
-
-
-def patch_positions(
-    grid: tuple[int, int], patch: tuple[int, int], num_prefix: int = 0, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Pixel coordinates ``(y, x)`` of every token's patch centre in the model input, row-major as timm flattens.
-
-    Args:
-        grid: ``(rows, cols)`` of patches.
-        patch: ``(height, width)`` of a patch in input pixels.
-        num_prefix: leading tokens without a position (class, distillation, register tokens): ``NaN`` rows.
-        device: where the tensor lives.
-
-    Returns:
-        ``(num_prefix + rows * cols, 2)`` float32.
-    """
-    rows, cols = grid
-    ys = (torch.arange(rows, dtype=torch.float32, device=device) + 0.5) * patch[0]
-    xs = (torch.arange(cols, dtype=torch.float32, device=device) + 0.5) * patch[1]
-    centres = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
-    prefix = torch.full((num_prefix, 2), math.nan, dtype=torch.float32, device=device)
-    return torch.cat([prefix, centres])
-
-
-def pairwise_distances(query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances ``(..., Q, K)`` between positions ``(..., Q, 2)`` and ``(..., K, 2)``; ``NaN`` propagates."""
-    return (query_pos.unsqueeze(-2) - key_pos.unsqueeze(-3)).pow(2).sum(dim=-1).sqrt()
-
-
 @dataclass(frozen=True)
 class MetricDef:
     """A registered metric: its function, what the capture feeds it, and how to read it.
@@ -371,6 +326,7 @@ class MetricDef:
         kind: ``token`` or ``attention``.
         definition: one line, recorded in ``summary.json``.
         higher_is_smoother: a rising curve means more over-smoothing.
+        label: the metric's name on figures (axis and panel titles); empty: its registry name.
         inputs: what the capture passes. Token metrics: ``tokens`` (the measured token set), ``class_patches``
             (class token, patch tokens) or ``consecutive`` (layer ``l - 1`` and layer ``l`` token sets). Attention
             metrics: ``rows`` (probability rows of a query chunk) or ``consecutive`` (the same query chunk of
@@ -391,6 +347,7 @@ class MetricDef:
     kind: str  # "token" or "attention"
     definition: str
     higher_is_smoother: bool  # True: a rising curve means more over-smoothing
+    label: str = ""
     inputs: str = "tokens"
     needs: tuple[str, ...] = ()
     tokens: str = "patch tokens (prefix tokens excluded)"
@@ -408,6 +365,7 @@ TOKEN_METRICS: dict[str, MetricDef] = {
         "token",
         "1/(n(n-1)) * sum_{i != j} cos(h_i, h_j) over the n patch tokens of one image, mean over images",
         higher_is_smoother=True,
+        label="token cosine similarity",
         prefix_option=True,
         source="Gong et al. 2021 (Vision Transformers with Patch Diversification), Eq. 2",
     ),
@@ -417,6 +375,7 @@ TOKEN_METRICS: dict[str, MetricDef] = {
         "token",
         "|X - 1 mean(X)^T|_F / |X|_F for the n x d token matrix X of one image (0: all tokens equal), mean over images",
         higher_is_smoother=False,
+        label="rank-collapse residual",
         prefix_option=True,
         source="Dong et al. 2021 (Attention is not all you need: pure attention loses rank); Wang et al. 2022",
     ),
@@ -427,6 +386,7 @@ TOKEN_METRICS: dict[str, MetricDef] = {
         "exp(-sum_k p_k log p_k), p_k = s_k / sum_j s_j, s = singular values of the centred token matrix of one "
         "image (1 when all tokens are equal), mean over images",
         higher_is_smoother=False,
+        label="effective rank",
         prefix_option=True,
         cost="extra",
         source="Roy and Vetterli 2007 (The effective rank: a measure of effective dimensionality)",
@@ -438,6 +398,7 @@ TOKEN_METRICS: dict[str, MetricDef] = {
         "1/n^2 * sum_{i,j} |cos(h_i, h_j)| over all ordered pairs of the n tokens of one image, diagonal included, "
         "mean over images",
         higher_is_smoother=True,
+        label="mean |cosine| (incl. diagonal)",
         needs=("max_elements",),
         prefix_option=True,
         cost="extra",
@@ -450,6 +411,7 @@ TOKEN_METRICS: dict[str, MetricDef] = {
         "1/n * sum_i cos(h_cls, h_i) between the class token and the n patch tokens of one image, mean over images "
         "(models with a class token only)",
         higher_is_smoother=True,
+        label="class-patch cosine",
         inputs="class_patches",
         tokens="class token vs patch tokens",
         uses_prefix=True,
@@ -462,6 +424,7 @@ TOKEN_METRICS: dict[str, MetricDef] = {
         "linear CKA |Y^T X|_F^2 / (|X^T X|_F |Y^T Y|_F) between the centred token matrices X of layer l-1 and Y of "
         "layer l of one image, at layer l, mean over images",
         higher_is_smoother=True,
+        label="CKA with previous layer",
         inputs="consecutive",
         prefix_option=True,
         cost="extra",
@@ -477,6 +440,7 @@ ATTENTION_METRICS: dict[str, MetricDef] = {
         "population std of each patch query's softmax attention row over all keys; mean over queries and "
         "heads, then over images",
         higher_is_smoother=False,
+        label="attention std",
         inputs="rows",
         tokens="patch queries, all keys (prefix keys included)",
         uses_prefix=True,
@@ -489,6 +453,7 @@ ATTENTION_METRICS: dict[str, MetricDef] = {
         "-sum_j A_ij log A_ij (nats) of each patch query's softmax attention row over all keys; mean over queries "
         "and heads, then over images",
         higher_is_smoother=True,
+        label="attention entropy (nats)",
         inputs="rows",
         tokens="patch queries, all keys (prefix keys included)",
         uses_prefix=True,
@@ -501,6 +466,7 @@ ATTENTION_METRICS: dict[str, MetricDef] = {
         "attention_entropy / log(K), K = number of keys (1: uniform attention, 0: one key); mean over queries and "
         "heads, then over images",
         higher_is_smoother=True,
+        label="attention entropy / log K",
         inputs="rows",
         tokens="patch queries, all keys (prefix keys included)",
         uses_prefix=True,
@@ -513,6 +479,7 @@ ATTENTION_METRICS: dict[str, MetricDef] = {
         "sum_j A_ij |pos_i - pos_j| / sum_j A_ij over patch keys j (prefix keys left out, weights renormalised), "
         "positions = patch centres in input pixels; mean over patch queries and heads, then over images",
         higher_is_smoother=True,
+        label="mean attention distance (px)",
         needs=("distances",),
         inputs="rows",
         tokens="patch queries, patch keys (prefix keys excluded, row renormalised)",
@@ -525,6 +492,7 @@ ATTENTION_METRICS: dict[str, MetricDef] = {
         "1/K * sum_t cos(A^{l-1}[:, t], A^l[:, t]) between the key columns of the attention maps of layers l-1 and "
         "l, per head; at layer l, mean over heads, then over images",
         higher_is_smoother=True,
+        label="attention similarity to previous layer",
         inputs="consecutive",
         tokens="patch queries (column entries), all key columns (prefix keys included)",
         uses_prefix=True,
@@ -588,215 +556,32 @@ def describe_metric(name: str, include_prefix: bool = False) -> dict[str, object
     }
 
 
-def iter_attention_probs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scale: float,
-    query_start: int = 0,
-    bias: torch.Tensor | None = None,
-    max_elements: int = 1 << 24,
-    scratch: Callable[[str, int], torch.Tensor] | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield softmax attention rows ``softmax(q k^T * scale + bias)`` for chunks of queries, in float32.
-
-    The full ``(B, H, Q, K)`` probability tensor never exists at once: each chunk holds at most about
-    ``max_elements`` values. Autocast is switched off so the logits are float32 on every device.
-    With ``scratch`` (``(slot, n) ->`` ``n`` elements of reusable float32 or wider memory), the scaled queries, the
-    keys and
-    every chunk (softmax in place) live in that memory, so a chunk is valid only until the next one is asked for and
-    nothing large is allocated (on CPU, fresh allocations of tens of MB cost page faults that outweigh the
-    arithmetic).
+def parse_metrics(spec: str | Sequence[str]) -> list[str]:
+    """Metric names from ``--metrics``: comma-separated names and presets (``default``, ``cheap``, ``all``).
 
     Args:
-        q: ``(B, H, T, dh)`` queries, after any q-norm / rotary embedding the model applies.
-        k: ``(B, H, S, dh)`` keys, likewise.
-        scale: logit scale (``head_dim ** -0.5`` in timm).
-        query_start: first query row to yield (e.g. ``num_prefix_tokens`` to skip class tokens).
-        bias: optional additive logit bias broadcastable to ``(B, H, T, S)`` (relative position bias).
-        max_elements: chunk budget in probability elements.
-        scratch: memory to compute the chunks in (see above).
+        spec: e.g. ``"default,effective_rank"``, ``"all"`` or ``["token_cosine", "layer_cka"]``.
 
-    Yields:
-        ``(B, H, c, S)`` probabilities for consecutive query chunks covering rows ``query_start..T-1``.
+    Returns:
+        The selected metrics once each, in registry order (token metrics first).
+
+    Raises:
+        UserError: an empty selection or an unknown name.
     """
-    B, H, T, _ = q.shape
-    S = k.shape[-2]
-    chunk = max(1, max_elements // max(1, B * H * S))
-    no_autocast = functools.partial(torch.autocast, device_type=q.device.type, enabled=False)
-    with no_autocast():
-        kt = (to_float(k) if scratch is None else _copy_to(scratch, "k", k)).transpose(-2, -1)
-    for start in range(query_start, T, chunk):
-        stop = min(T, start + chunk)
-        with no_autocast():  # never held across a yield: the caller's autocast state is its own between chunks
-            if scratch is None:
-                logits = (to_float(q[:, :, start:stop]) * scale) @ kt
-            else:
-                qc = _copy_to(scratch, "q", q[:, :, start:stop]).mul_(scale)  # scaled in float32, like the plain path
-                logits = torch.matmul(qc, kt, out=_slot(scratch, "probs", (B, H, stop - start, S)))
-            if bias is not None:
-                logits += to_float(bias[..., start:stop, :])
-            probs = logits.softmax(dim=-1) if scratch is None else torch.softmax(logits, dim=-1, out=logits)
-        yield probs
+    items = [spec] if isinstance(spec, str) else list(spec)
+    names = [word.strip() for item in items for word in str(item).split(",") if word.strip()]
+    if not names:
+        raise UserError(f"--metrics selects nothing; give metric names or one of {', '.join(METRIC_PRESETS)}")
+    unknown = [n for n in names if n not in ALL_METRICS and n not in METRIC_PRESETS]
+    if unknown:
+        raise UserError(
+            f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(ALL_METRICS)}, or {', '.join(METRIC_PRESETS)}"
+        )
+    chosen = {m for n in names for m in METRIC_PRESETS.get(n, (n,))}
+    return [m for m in ALL_METRICS if m in chosen]
 
 
-def _slot(scratch: Callable[[str, int], torch.Tensor], slot: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A contiguous ``shape`` view of the scratch memory ``slot``."""
-    return scratch(slot, math.prod(shape)).view(shape)
-
-
-def _copy_to(scratch: Callable[[str, int], torch.Tensor], slot: str, x: torch.Tensor) -> torch.Tensor:
-    """``x`` copied (contiguous, in the scratch memory's dtype) into the scratch memory ``slot``."""
-    return _slot(scratch, slot, tuple(x.shape)).copy_(x)
-
-
-class RunningMoments:
-    """Count, sum and sum of squares of a fixed-shape quantity, in float64, on the CPU.
-
-    Constant memory whatever the number of samples. Two instances merge by adding their states, which
-    is also how :meth:`OversmoothingAccumulator.all_reduce` combines processes.
-    """
-
-    def __init__(self, shape: tuple[int, ...] = ()) -> None:
-        self.shape = tuple(shape)
-        self.reset()
-
-    def reset(self) -> None:
-        self.count = torch.zeros((), dtype=torch.float64)
-        self.sum = torch.zeros(self.shape, dtype=torch.float64)
-        self.sumsq = torch.zeros(self.shape, dtype=torch.float64)
-
-    def update(self, values: torch.Tensor) -> None:
-        """Add samples ``(N, *shape)``."""
-        v = values.detach().to("cpu", torch.float64).reshape(-1, *self.shape)
-        self.count += v.shape[0]
-        self.sum += v.sum(dim=0)
-        self.sumsq += v.pow(2).sum(dim=0)
-
-    def merge(self, other: RunningMoments) -> RunningMoments:
-        if other.shape != self.shape:
-            raise ValueError(f"cannot merge moments of shape {other.shape} into {self.shape}")
-        self.count += other.count
-        self.sum += other.sum
-        self.sumsq += other.sumsq
-        return self
-
-    def state(self) -> torch.Tensor:
-        """All states as one flat float64 vector (for ``all_reduce``)."""
-        return torch.cat([self.count.reshape(1), self.sum.reshape(-1), self.sumsq.reshape(-1)])
-
-    def load_state(self, flat: torch.Tensor) -> None:
-        m = self.sum.numel()
-        self.count = flat[0].clone()
-        self.sum = flat[1 : 1 + m].reshape(self.shape).clone()
-        self.sumsq = flat[1 + m : 1 + 2 * m].reshape(self.shape).clone()
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        """Mean, sample standard deviation over samples and a normal-approximation 95% interval of the mean."""
-        n = self.count
-        if n < 1:
-            nan = torch.full(self.shape, math.nan, dtype=torch.float64)
-            return {"mean": nan, "std": nan, "ci95_low": nan, "ci95_high": nan, "n": n}
-        mean = self.sum / n
-        if n > 1:
-            var = ((self.sumsq - n * mean.pow(2)) / (n - 1)).clamp_min(0.0)
-            std = var.sqrt()
-            half = Z_95 * std / n.sqrt()
-        else:
-            std = torch.zeros_like(mean)
-            half = torch.full_like(mean, math.nan)
-        return {"mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
-
-
-class OversmoothingAccumulator:
-    """Streaming per-layer statistics over images, keyed by ``(metric, layer)``.
-
-    ``layers`` holds one scalar per image (the layer figure); ``heads`` holds one vector per image
-    (one value per attention head). Every state is a sum, so batches, shards and processes combine
-    exactly; memory is constant in the number of images.
-    """
-
-    def __init__(self) -> None:
-        self.layers: dict[tuple[str, int], RunningMoments] = {}
-        self.heads: dict[tuple[str, int], RunningMoments] = {}
-
-    def reset(self) -> None:
-        self.layers.clear()
-        self.heads.clear()
-
-    @property
-    def n_images(self) -> int:
-        return int(max((m.count.item() for m in self.layers.values()), default=0))
-
-    def update(self, layer_values: dict[tuple[str, int], torch.Tensor], head_values: dict | None = None) -> None:
-        """Add one batch: ``{(metric, layer): (B,)}`` and optionally ``{(metric, layer): (B, H)}``."""
-        for key, v in layer_values.items():
-            self.layers.setdefault(key, RunningMoments()).update(v)
-        for key, v in (head_values or {}).items():
-            self.heads.setdefault(key, RunningMoments((v.shape[-1],))).update(v)
-
-    def merge(self, other: OversmoothingAccumulator) -> OversmoothingAccumulator:
-        for mine, theirs in ((self.layers, other.layers), (self.heads, other.heads)):
-            for key, m in theirs.items():
-                mine.setdefault(key, RunningMoments(m.shape)).merge(m)
-        return self
-
-    def all_reduce(self) -> None:
-        """Sum every state over the ranks of the default process group (no-op without one)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        # A rank that saw no image has no keys: agree on the union of keys and shapes first.
-        mine = {
-            "layers": {k: m.shape for k, m in self.layers.items()},
-            "heads": {k: m.shape for k, m in self.heads.items()},
-        }
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
-        for part in ("layers", "heads"):
-            store = getattr(self, part)
-            for other in gathered:
-                for key, shape in other[part].items():
-                    store.setdefault(key, RunningMoments(shape))
-        ordered = [store[k] for store in (self.layers, self.heads) for k in sorted(store)]
-        flat = torch.cat([m.state() for m in ordered])
-        backend = dist.get_backend()
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        flat = flat.to(device)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat = flat.cpu()
-        offset = 0
-        for m in ordered:
-            size = m.state().numel()
-            m.load_state(flat[offset : offset + size])
-            offset += size
-
-    def layer_rows(self) -> Iterable[dict]:
-        """One row per ``(layer, metric)`` with mean, std, 95% CI and image count, sorted by metric then layer."""
-        for (metric, layer), m in sorted(self.layers.items()):
-            s = m.compute()
-            yield {
-                "layer": layer,
-                "metric": metric,
-                "mean": s["mean"].item(),
-                "std": s["std"].item(),
-                "ci95_low": s["ci95_low"].item(),
-                "ci95_high": s["ci95_high"].item(),
-                "n_images": int(s["n"].item()),
-            }
-
-    def head_rows(self) -> Iterable[dict]:
-        """One row per ``(layer, metric, head)``."""
-        for (metric, layer), m in sorted(self.heads.items()):
-            s = m.compute()
-            for h in range(m.shape[0]):
-                yield {
-                    "layer": layer,
-                    "metric": metric,
-                    "head": h,
-                    "mean": s["mean"][h].item(),
-                    "std": s["std"][h].item(),
-                    "ci95_low": s["ci95_low"][h].item(),
-                    "ci95_high": s["ci95_high"][h].item(),
-                    "n_images": int(s["n"].item()),
-                }
+def split_metrics(spec: str | Sequence[str]) -> tuple[list[str], list[str]]:
+    """:func:`parse_metrics`, split into ``(token metrics, attention metrics)``."""
+    names = parse_metrics(spec)
+    return [m for m in names if m in TOKEN_METRICS], [m for m in names if m in ATTENTION_METRICS]

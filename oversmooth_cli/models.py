@@ -3,6 +3,9 @@
 The architecture and its arguments come from data: ``--arch``, a ``config.json`` beside the weights
 (``architecture``, ``num_classes``, ``model_args``, ``pretrained_cfg``) or the ``arch`` a timm ``train.py``
 checkpoint carries. The input pipeline comes from the model's resolved data config, never hard-coded.
+
+Both halves of the ``config.json`` format live here: :func:`model_config` writes what :func:`load_model` reads, and
+:func:`save_weights` writes the safetensors files (with metadata, :func:`weights_meta`) that ``finetune`` saves.
 """
 
 from __future__ import annotations
@@ -21,23 +24,43 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .report import atomic_write
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
+    "PRETRAINED_CFG_KEYS",
+    "TRAIN_ONLY_ARGS",
     "LoadedModel",
     "load_model",
     "load_state_dict_file",
+    "model_config",
     "parse_model_args",
     "resolve_data_config",
+    "save_weights",
     "sha256_file",
     "unwrap_state_dict",
+    "weights_meta",
 ]
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "checkpoint-best.safetensors")
 STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
 """Keys a wrapped checkpoint may hold its weights under, in order of preference (EMA first, as in timm)."""
-STRIP_PREFIXES = ("module.", "_orig_mod.")
+TRAIN_ONLY_ARGS = ("drop_path_rate",)
+"""create_model arguments used for training only, left out of a saved ``config.json``."""
+PRETRAINED_CFG_KEYS = (
+    "input_size",
+    "fixed_input_size",
+    "interpolation",
+    "crop_pct",
+    "crop_mode",
+    "mean",
+    "std",
+    "pool_size",
+    "first_conv",
+    "classifier",
+)
+"""``pretrained_cfg`` entries a saved ``config.json`` keeps (the data config and the classifier's name)."""
 
 
 @dataclass
@@ -95,7 +118,9 @@ def _is_pickle_error(exc: Exception) -> bool:
 def load_state_dict_file(path: Path, trust_checkpoint: bool = False) -> Any:
     """Read a checkpoint file safely: safetensors, or ``torch.load(weights_only=True)``.
 
-    A pickled whole model (or any arbitrary object) is refused unless ``trust_checkpoint``.
+    A pickled whole model (or any arbitrary object) is refused unless ``trust_checkpoint``. Not timm's
+    ``load_state_dict``: that one returns only the unwrapped tensors, and ``load_model`` also needs the wrapper (its
+    ``arch``, which key held the weights) and a one-line error for a pickled checkpoint.
     """
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -118,7 +143,8 @@ def load_state_dict_file(path: Path, trust_checkpoint: bool = False) -> Any:
 
 
 def unwrap_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], str | None]:
-    """Find the tensor dict in a (possibly wrapped) checkpoint and strip ``module.`` / ``_orig_mod.`` prefixes.
+    """Find the tensor dict in a (possibly wrapped) checkpoint and strip ``module.`` / ``_orig_mod.`` prefixes
+    (timm's ``clean_state_dict``).
 
     Returns:
         The state dict and the wrapper key it came from (None for a plain state dict).
@@ -134,12 +160,41 @@ def unwrap_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], str | None]:
             "checkpoint holds no state dict (expected tensors, or one under "
             f"{', '.join(repr(k) for k in STATE_DICT_KEYS)})"
         )
-    clean = {}
-    for k, v in obj.items():
-        while prefix := next((p for p in STRIP_PREFIXES if k.startswith(p)), None):
-            k = k[len(prefix) :]
-        clean[k] = v
-    return clean, source
+    return timm.models.clean_state_dict(obj), source
+
+
+def save_weights(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Write the model's state dict as safetensors (atomically), with ``meta`` as string metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda p: save_file(state, str(p), metadata={k: str(v) for k, v in meta.items()}))
+
+
+def weights_meta(path: Path) -> dict[str, str]:
+    """The string metadata :func:`save_weights` stored in a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def model_config(loaded: LoadedModel, label_names: list[str], training: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` for a trained model: what :func:`load_model` reads back to rebuild it (``architecture``,
+    ``num_classes``, ``model_args`` without the training-only ones, ``pretrained_cfg``), plus the class names and
+    ``training`` (how it was trained, under ``finetune``)."""
+    base = dict(getattr(loaded.model, "pretrained_cfg", None) or {})
+    pretrained_cfg = {k: base[k] for k in PRETRAINED_CFG_KEYS if k in base}
+    pretrained_cfg.update({k: v for k, v in loaded.data_config.items() if k in PRETRAINED_CFG_KEYS})
+    pretrained_cfg.update({"num_classes": len(label_names), "label_names": label_names})
+    return {
+        "architecture": loaded.architecture,
+        "num_classes": len(label_names),
+        "model_args": {k: v for k, v in loaded.model_args.items() if k not in TRAIN_ONLY_ARGS},
+        "pretrained_cfg": pretrained_cfg,
+        "label_names": label_names,
+        "finetune": training,
+    }
 
 
 def _read_config(path: Path) -> dict[str, Any]:

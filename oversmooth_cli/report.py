@@ -1,4 +1,5 @@
-"""Run outputs: one row schema to CSV / JSON, PNG figures, and atomic writes of a whole run folder."""
+"""Run files: the row schemas of ``layers.csv`` / ``heads.csv``, reading a run back (:func:`load_run`), JSON,
+the per-metric figure panels every plot shares (:func:`metric_panels`), and atomic writes of files and run folders."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +27,23 @@ from .metrics import ATTENTION_METRICS, TOKEN_METRICS
 __all__ = [
     "HEAD_COLUMNS",
     "LAYER_COLUMNS",
-    "METRIC_LABELS",
+    "Run",
     "atomic_write",
+    "atomic_write_all",
     "check_out_dir",
     "default_mode",
+    "load_run",
+    "metric_label",
+    "metric_order",
+    "metric_panels",
     "plot_curves",
     "plot_head_heatmap",
+    "plot_training",
     "read_layers",
+    "save_figure",
     "stage_boundaries",
     "staged_dir",
+    "to_json",
     "write_json",
 ]
 
@@ -41,19 +51,6 @@ LAYER_COLUMNS = ["layer", "stage", "n_tokens", "metric", "mean", "std", "ci95_lo
 LAYER_DEFAULTS = {"stage": 0, "n_tokens": float("nan")}
 """Columns a ``layers.csv`` written before hierarchical models were supported lacks, and what they read as."""
 HEAD_COLUMNS = ["layer", "metric", "head", "mean", "std", "ci95_low", "ci95_high", "n_images"]
-METRIC_LABELS = {
-    "token_cosine": "token cosine similarity",
-    "rank_collapse": "rank-collapse residual",
-    "effective_rank": "effective rank",
-    "token_abs_cosine": "mean |cosine| (incl. diagonal)",
-    "cls_patch_cosine": "class-patch cosine",
-    "layer_cka": "CKA with previous layer",
-    "attention_std": "attention std",
-    "attention_entropy": "attention entropy (nats)",
-    "attention_entropy_normalised": "attention entropy / log K",
-    "attention_distance": "mean attention distance (px)",
-    "cross_layer_attention_similarity": "attention similarity to previous layer",
-}
 
 
 def metric_order(names) -> list[str]:
@@ -62,12 +59,23 @@ def metric_order(names) -> list[str]:
     return sorted(set(names), key=lambda n: (known.index(n) if n in known else len(known), n))
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an output path that is a file, or a non-empty folder unless ``overwrite``; call before the work."""
+def metric_label(name: str) -> str:
+    """The figure label of a metric (its registry ``label``; its name when this version's registry does not know it)."""
+    definition = TOKEN_METRICS.get(name) or ATTENTION_METRICS.get(name)
+    return (definition.label if definition is not None else "") or name
+
+
+def check_out_dir(out: Path, overwrite: bool, hint: str | None = None) -> None:
+    """Refuse an output path that is a file, or a non-empty folder unless ``overwrite``; call before the work.
+
+    ``hint`` replaces the advice after "exists and is not empty; " (default: pass --overwrite or another --out).
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} is a file; give a folder with --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output folder {out} exists and is not empty; pass --overwrite or choose another --out")
+        raise UserError(
+            f"output folder {out} exists and is not empty; {hint or 'pass --overwrite or choose another --out'}"
+        )
 
 
 def default_mode(directory: bool = False) -> int:
@@ -103,17 +111,30 @@ def staged_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file over ``path`` (same folder, same filesystem)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    return atomic_write_all({path: write})[0]
+
+
+def atomic_write_all(writes: Mapping[Path, Callable[[Path], Any]]) -> list[Path]:
+    """Write every file to a temporary sibling first, then rename them all into place.
+
+    A failure or an interruption before the renames leaves every target as it was. Returns the target paths.
+    """
+    staged: list[Path] = []
     try:
-        write(Path(tmp))
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+            os.close(fd)
+            staged.append(Path(tmp))
+            write(Path(tmp))
+            os.chmod(tmp, default_mode())
+        for tmp, path in zip(staged, writes, strict=True):
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+        for tmp in staged:
+            if tmp.exists():
+                tmp.unlink()
+    return list(writes)
 
 
 def _json_default(o: Any) -> Any:
@@ -162,6 +183,126 @@ def read_layers(source: str | Path) -> pd.DataFrame:
     return df
 
 
+# -- reading a run back ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    """One run's per-layer table and (when present) its ``summary.json``."""
+
+    source: Path
+    layers_csv: Path
+    layers: pd.DataFrame = field(repr=False)
+    summary: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def folder(self) -> Path:
+        return self.layers_csv.parent
+
+    @property
+    def metrics_version(self) -> str | None:
+        v = (self.summary or {}).get("metrics_version")
+        return None if v is None else str(v)
+
+    @property
+    def name(self) -> str:
+        """The model name recorded in ``summary.json``, else the run folder's name."""
+        model = (self.summary or {}).get("model")
+        name = model.get("name") if isinstance(model, dict) else None
+        return str(name) if name else (self.folder.resolve().name or str(self.source))
+
+    @property
+    def metrics(self) -> list[str]:
+        return metric_order(self.layers["metric"].unique())
+
+    def layers_of(self, metric: str) -> list[int]:
+        return sorted(int(x) for x in self.layers.loc[self.layers["metric"] == metric, "layer"])
+
+    @property
+    def n_layers(self) -> int:
+        """Depth ``L`` (``summary.json``'s ``n_layers``, else the deepest layer in ``layers.csv``)."""
+        n = (self.summary or {}).get("n_layers")
+        return int(n) if isinstance(n, int) and n > 0 else int(self.layers["layer"].max())
+
+    @property
+    def n_images(self) -> int:
+        return int(self.layers["n_images"].max()) if len(self.layers) else 0
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}; write the run again with `oversmooth measure`") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object; is it a summary.json from oversmooth?")
+    return data
+
+
+def load_run(source: str | Path) -> Run:
+    """Load a run folder (``layers.csv`` + ``summary.json``) or a ``layers.csv`` (``summary.json`` read beside it).
+
+    Raises:
+        UserError: missing path, unreadable or malformed ``layers.csv``, duplicate ``(metric, layer)`` rows.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"{source} does not exist; give a run folder written by `oversmooth measure` or its layers.csv")
+    csv = path / "layers.csv" if path.is_dir() else path
+    try:
+        df = read_layers(csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {csv} as a layers.csv: {str(e).splitlines()[0]}") from e
+    df = df.copy()
+    for col in ("layer", "mean", "std", "n_images"):
+        converted = pd.to_numeric(df[col], errors="coerce")
+        if converted.isna().any() and col in ("layer", "n_images"):
+            raise UserError(f"{csv}: column {col} holds non-numbers; is it a layers.csv from oversmooth?")
+        df[col] = converted
+    df["layer"] = df["layer"].astype(int)
+    df["metric"] = df["metric"].astype(str)
+    dup = df[df.duplicated(["metric", "layer"], keep=False)]
+    if len(dup):
+        first = dup.iloc[0]
+        raise UserError(f"{csv} has several rows for {first['metric']} layer {first['layer']}; one row each expected")
+    return Run(path, csv, df, _read_summary(csv.parent / "summary.json"))
+
+
+# -- figures ------------------------------------------------------------------------------------------------------
+def panel_grid(n: int) -> tuple[int, int]:
+    """``(rows, columns)`` of a figure with one panel per metric: two columns up to four panels, then three."""
+    ncols = max(1, min(2 if n <= 4 else 3, n))
+    return math.ceil(max(n, 1) / ncols), ncols
+
+
+def metric_panels(
+    metrics: Sequence[str],
+    xlabel: str = "layer (0 = block input)",
+    integer_x: bool = True,
+    panel_size: tuple[float, float] = (5.6, 4.0),
+    layout: str | None = "constrained",
+) -> tuple[plt.Figure, list[plt.Axes]]:
+    """A figure with one panel per metric, titled "(a) <label>", axes labelled, a light grid; spare cells hidden.
+
+    Returns:
+        The figure and one axes per metric, in the order of ``metrics``.
+    """
+    nrows, ncols = panel_grid(len(metrics))
+    width, height = panel_size
+    fig, grid = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, layout=layout)
+    axes = list(grid.flat)
+    for i, (ax, metric) in enumerate(zip(axes, metrics, strict=False)):
+        ax.set_title(f"({chr(ord('a') + i)}) {metric_label(metric)}", loc="left", fontsize=11)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric_label(metric))
+        ax.grid(alpha=0.3)
+        if integer_x:
+            ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    return fig, axes[: len(metrics)]
+
+
 def stage_boundaries(layers: pd.DataFrame) -> list[float]:
     """x positions (half-way between two layers) where a new stage starts; empty for a single-stage model."""
     if "stage" not in layers.columns:
@@ -177,27 +318,18 @@ def plot_curves(layers: pd.DataFrame, title: str | None = None) -> plt.Figure:
     Dashed vertical lines mark where a new stage starts (hierarchical models; see :func:`stage_boundaries`).
     """
     metrics = metric_order(layers["metric"].unique())
-    ncols = min(2 if len(metrics) <= 4 else 3, len(metrics))
-    nrows = math.ceil(len(metrics) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+    fig, axes = metric_panels(metrics, panel_size=(5.2, 3.8), layout=None)
     first, last = layers["layer"].min(), layers["layer"].max()
-    for i, (ax, metric) in enumerate(zip(axes.flat, metrics, strict=False)):
+    for i, (ax, metric) in enumerate(zip(axes, metrics, strict=True)):
         d = layers[layers["metric"] == metric].sort_values("layer")
         ax.plot(d["layer"], d["mean"], marker="o", ms=3.5, lw=1.6, color="C0", label="mean over images")
         ax.fill_between(d["layer"], d["ci95_low"], d["ci95_high"], color="C0", alpha=0.25, lw=0, label="95% CI")
-        ax.set_title(f"({chr(ord('a') + i)}) {METRIC_LABELS.get(metric, metric)}", loc="left", fontsize=11)
-        ax.set_xlabel("layer (0 = block input)")
-        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-        ax.grid(alpha=0.3)
         ax.set_xlim(first - 0.4, last + 0.4)  # the same layer axis in every panel
-        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.ticklabel_format(axis="y", useOffset=False)  # plain values, no "+4.17" offset above the axis
         for boundary in stage_boundaries(layers):
             ax.axvline(boundary, color="0.55", lw=0.9, ls="--", zorder=0)
         if i == 0:
             ax.legend(fontsize=8, loc="best")
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97) if title else None)
@@ -224,7 +356,7 @@ def plot_head_heatmap(heads: pd.DataFrame, metric: str, title: str | None = None
             axis.set_major_locator(MaxNLocator(integer=True, nbins=12))
     ax.set_xlabel("layer")
     ax.set_ylabel("head")
-    label = METRIC_LABELS.get(metric, metric)
+    label = metric_label(metric)
     fig.colorbar(image, ax=ax, label=label)
     ax.set_title(f"{label}: mean over images per head" if title is None else f"{title}\n{label} per head", fontsize=10)
     fig.tight_layout()
@@ -236,3 +368,29 @@ def save_figure(fig: plt.Figure, path: Path, dpi: int = 130) -> Path:
         return atomic_write(path, lambda p: fig.savefig(p, dpi=dpi, format="png"))
     finally:
         plt.close(fig)
+
+
+def plot_training(history: pd.DataFrame, title: str | None = None) -> plt.Figure:
+    """Loss terms, validation accuracy and last-layer token cosine per epoch (a ``finetune`` run's history)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    loss_cols = [*(c for c in history.columns if c.startswith("train_")), "val_loss"]
+    for col in loss_cols:
+        if col in history and history[col].notna().any():
+            style = "--" if col == "val_loss" else "-"
+            axes[0].plot(history["epoch"], history[col], style, marker="o", ms=3, label=col)
+    axes[0].set_title("(a) loss terms (unweighted)", loc="left", fontsize=11)
+    for col in ("val_top1", "val_top5"):
+        if history[col].notna().any():
+            axes[1].plot(history["epoch"], history[col], marker="o", ms=3, label=col)
+    axes[1].set_title("(b) validation accuracy (%)", loc="left", fontsize=11)
+    axes[2].plot(history["epoch"], history["val_token_cosine"], marker="o", ms=3, color="C3", label="last layer")
+    axes[2].set_title(f"(c) validation {metric_label('token_cosine')}", loc="left", fontsize=11)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig

@@ -2,67 +2,33 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from oversmooth_cli.adapters import resolve_attention_tap
-from oversmooth_cli.capture import OversmoothingCapture, UnsupportedModelError, resolve_adapter
+from oversmooth_cli.adapters import resolve_adapter
+from oversmooth_cli.capture import OversmoothingCapture
+from oversmooth_cli.taps import UnsupportedModelError, resolve_attention_tap
 
-from .test_metrics import brute_attention_std, brute_token_cosine
+from ._helpers import (
+    IMG,
+    MODELS,
+    TINY_ARCH,
+    TINY_ARGS,
+    TINY_ARGS_DEPTH2,
+    SdpaCalls,
+    assert_same_values,
+    brute_attention_std,
+    brute_token_cosine,
+    make,
+    reference_attention,
+    reference_states,
+)
 
 pytestmark = pytest.mark.capture
-
-IMG = 32
-
-
-def reference_states(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Residual stream entering block 1 and leaving every block, computed by calling the modules directly."""
-    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    states = [h]
-    for blk in model.blocks:
-        h = blk(h)
-        states.append(h)
-    return states
-
-
-def reference_attention(block: torch.nn.Module, h: torch.Tensor, prefix: int) -> torch.Tensor:
-    """Unfused float64 softmax attention of one block for patch queries: (B, H, n, T)."""
-    attn = block.attn
-    B, T, _ = h.shape
-    y = block.norm1(h)
-    qkv = attn.qkv(y).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    probs = (q.double() @ k.double().transpose(-1, -2) * attn.scale).softmax(-1)
-    return probs[:, :, prefix:]
-
-
-def make(name: str, **kw) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, num_classes=0, img_size=IMG, **kw).eval()
-
-
-MODELS = {
-    "vit": ("vit_tiny_patch16_224", {"patch_size": 8, "depth": 3, "embed_dim": 32, "num_heads": 2}, 1),
-    "deit_distilled": ("deit_tiny_distilled_patch16_224", {"patch_size": 8, "depth": 2, "embed_dim": 36}, 2),
-    "registers_no_cls": ("test_vit2", {"patch_size": 8, "depth": 2}, 1),
-    "qk_norm": (
-        "vit_tiny_patch16_224",
-        {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "qk_norm": True},
-        1,
-    ),
-    "deit3": ("deit3_small_patch16_224", {"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}, 1),
-}
-
-
-def assert_same_values(got: tuple[dict, dict], want: tuple[dict, dict], atol: float = 1e-5) -> None:
-    """Two ``pop_batch()`` results have the same ``(metric, layer)`` keys and values within ``atol``."""
-    for g, w in zip(got, want, strict=True):
-        assert g.keys() == w.keys()
-        for key in w:
-            torch.testing.assert_close(g[key], w[key], atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("key", list(MODELS))
@@ -92,7 +58,7 @@ def test_capture_matches_float64_reference(key, tap):
 
 
 def test_qk_tap_equals_unfused_softmax_and_keeps_fused_attention():
-    model = make("vit_tiny_patch16_224", patch_size=4, depth=2, embed_dim=32, num_heads=2)
+    model = make(TINY_ARCH, patch_size=4, depth=2, embed_dim=32, num_heads=2)
     for blk in model.blocks:
         blk.attn.fused_attn = True
     x = torch.randn(2, 3, IMG, IMG)
@@ -110,7 +76,7 @@ def test_qk_tap_equals_unfused_softmax_and_keeps_fused_attention():
 
 
 def test_hooks_are_removed_and_model_output_unchanged():
-    model = make("vit_tiny_patch16_224", patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    model = make(TINY_ARCH, **TINY_ARGS_DEPTH2)
     x = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
         before = model.forward_features(x)
@@ -125,7 +91,7 @@ def test_hooks_are_removed_and_model_output_unchanged():
 
 
 def test_pop_batch_clears_and_values_are_on_cpu():
-    model = make("vit_tiny_patch16_224", patch_size=8, depth=1, embed_dim=32, num_heads=2)
+    model = make(TINY_ARCH, **{**TINY_ARGS, "depth": 1})
     with torch.no_grad(), OversmoothingCapture(model) as cap:
         model.forward_features(torch.randn(2, 3, IMG, IMG))
         layers, heads = cap.pop_batch()
@@ -141,19 +107,9 @@ def test_unsupported_family_names_itself():
 
 
 def test_bad_tap_is_refused():
-    model = make("vit_tiny_patch16_224", patch_size=8, depth=1, embed_dim=32, num_heads=2)
+    model = make(TINY_ARCH, **{**TINY_ARGS, "depth": 1})
     with pytest.raises(ValueError, match="attention_tap"):
         OversmoothingCapture(model, attention_tap="nope")
-
-
-class SdpaCalls(TorchFunctionMode):
-    """Counts ``scaled_dot_product_attention`` calls that reach torch (the capture's own modes sit inside this one)."""
-
-    calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += func is F.scaled_dot_product_attention
-        return func(*args, **(kwargs or {}))
 
 
 def test_auto_tap_is_inline_on_cpu_and_qk_elsewhere():
@@ -163,14 +119,14 @@ def test_auto_tap_is_inline_on_cpu_and_qk_elsewhere():
     assert resolve_attention_tap("softmax", "cuda") == "softmax"
     with pytest.raises(ValueError, match="attention_tap must be one of"):
         resolve_attention_tap("fast", "cpu")
-    model = make("vit_tiny_patch16_224", patch_size=8, depth=1, embed_dim=32, num_heads=2)
+    model = make(TINY_ARCH, **{**TINY_ARGS, "depth": 1})
     assert OversmoothingCapture(model).attention_tap == "inline"
     assert OversmoothingCapture(model, attention_tap="qk").attention_tap == "qk"
 
 
 @pytest.mark.parametrize("max_elements", [100, 1 << 24])  # 100: one query row per chunk, prefix-only chunks first
 def test_inline_tap_answers_every_sdpa_call_with_the_same_features_and_values(max_elements):
-    model = make("vit_tiny_patch16_224", patch_size=8, depth=3, embed_dim=32, num_heads=2, reg_tokens=4)
+    model = make(TINY_ARCH, **TINY_ARGS, reg_tokens=4)
     for blk in model.blocks:
         blk.attn.fused_attn = True
     x = torch.randn(2, 3, IMG, IMG)
@@ -199,7 +155,7 @@ def test_inline_tap_answers_every_sdpa_call_with_the_same_features_and_values(ma
 
 
 def test_inline_tap_leaves_calls_that_need_gradients_to_the_model():
-    model = make("vit_tiny_patch16_224", patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    model = make(TINY_ARCH, **TINY_ARGS_DEPTH2)
     x = torch.randn(2, 3, IMG, IMG)
     want = model.forward_features(x)
     (want_grad,) = torch.autograd.grad(want.square().sum(), model.blocks[0].attn.qkv.weight)
@@ -217,7 +173,7 @@ def test_inline_tap_leaves_calls_that_need_gradients_to_the_model():
 def test_autocast_state_of_the_model_is_left_alone(tap):
     """Chunk generators must not hold autocast off across a yield (a half-consumed one would leak it to the model);
     the statistics of the first attention (the same bf16 q and k for both taps) are computed in float32 alike."""
-    model = make("vit_tiny_patch16_224", patch_size=8, depth=3, embed_dim=48, num_heads=2)  # scale 24**-0.5
+    model = make(TINY_ARCH, patch_size=8, depth=3, embed_dim=48, num_heads=2)  # scale 24**-0.5
     x = torch.randn(2, 3, IMG, IMG)
     with (
         torch.no_grad(),
@@ -273,7 +229,7 @@ INLINE_CALLS = {  # q, k, v shapes, SDPA keyword arguments, heads, heads_dim
 
 @pytest.mark.parametrize("case", list(INLINE_CALLS))
 def test_inline_tap_answers_sdpa_calls_of_every_layout_like_sdpa(case):
-    from oversmooth_cli.adapters import TAPS
+    from oversmooth_cli.taps import TAPS
 
     q_shape, k_shape, v_shape, kwargs, heads, heads_dim = INLINE_CALLS[case]
     q, k, v = torch.randn(q_shape), torch.randn(k_shape), torch.randn(v_shape)
@@ -287,9 +243,8 @@ def test_inline_tap_answers_sdpa_calls_of_every_layout_like_sdpa(case):
         logits = q4.double() @ k4.double().transpose(-1, -2) * scale
         return (logits if bias is None else logits + bias.double()).softmax(-1) @ v4.double()
 
-    handles, undo = TAPS["intercept"].install(
-        module, "inline", lambda *a: seen.update(qk=seen["qk"] + 1), lambda p: None, heads_dim, on_attend
-    )
+    sink = SimpleNamespace(qk=lambda *a: seen.update(qk=seen["qk"] + 1), probs=lambda p: None, attend=on_attend)
+    handles, undo = TAPS["intercept"].install(module, "inline", sink, heads_dim)
     try:
         with torch.no_grad():
             got = module(q, k, v)
@@ -308,14 +263,15 @@ def test_inline_tap_answers_sdpa_calls_of_every_layout_like_sdpa(case):
     ids=["dropout", "a_query_without_keys"],
 )
 def test_inline_tap_leaves_calls_it_cannot_answer_to_sdpa(kwargs):
-    from oversmooth_cli.adapters import TAPS, inline_inputs
+    from oversmooth_cli.taps import TAPS, inline_inputs
 
     q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
     assert inline_inputs((q, k, v), kwargs, 3) is None
     module, seen = OneSdpaCall(3, **kwargs), []
-    handles, _ = TAPS["intercept"].install(
-        module, "inline", lambda *a: seen.append("qk"), lambda p: None, -3, lambda *a: seen.append("attend")
+    sink = SimpleNamespace(
+        qk=lambda *a: seen.append("qk"), probs=lambda p: None, attend=lambda *a: seen.append("attend")
     )
+    handles, _ = TAPS["intercept"].install(module, "inline", sink, -3)
     with torch.no_grad():
         module(q, k, v)
     for h in handles:

@@ -15,25 +15,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from oversmooth_cli import metrics
 from oversmooth_cli.check import (
     Tolerance,
     check_runs,
     format_layers,
-    load_run,
     make_baseline,
     parse_layers,
     write_junit,
     write_markdown,
 )
-from oversmooth_cli.cli import app
 from oversmooth_cli.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, UserError
 from oversmooth_cli.measure import measure, write_run
 from oversmooth_cli.models import load_model
+from oversmooth_cli.report import load_run
 
-from .conftest import PHOTOS, TINY_ARCH, TINY_ARGS, save_checkpoint_folder
+from ._helpers import PHOTOS, REPO, TINY_ARCH, TINY_ARGS, invoke, save_checkpoint_folder
 
 pytestmark = pytest.mark.check
 
@@ -49,8 +47,7 @@ SHIFTS = {
 # of attention_std; "down" (better) = the opposite.
 WORSE = {("token_cosine", 1), ("attention_std", 2)}
 BETTER = {("token_cosine", 3), ("attention_std", 3)}
-
-runner = CliRunner()
+PHOTO_NAMES = ("astronaut.png", "camera.png", "chelsea.png", "coins.png")  # RGB and grayscale, PNG
 
 
 def save_checkpoint(folder: Path, seed: int, depth: int) -> Path:
@@ -86,7 +83,7 @@ def mutate_run(src: Path, dest: Path, edit) -> Path:
 def runs(tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("check")
     images = root / "images.txt"
-    images.write_text("\n".join(str(p) for p in sorted(PHOTOS.iterdir())[:4]) + "\n")
+    images.write_text("\n".join(str(PHOTOS[name]) for name in PHOTO_NAMES) + "\n")
     ckpt_a = save_checkpoint(root / "ckpt_a", seed=0, depth=3)
     ckpt_b = save_checkpoint(root / "ckpt_b", seed=1, depth=3)
     ckpt_2 = save_checkpoint(root / "ckpt_2", seed=0, depth=2)
@@ -118,10 +115,6 @@ def runs(tmp_path_factory) -> Runs:
         base,
         mutate_run(run_a, root / "shifted", shift),
     )
-
-
-def invoke(*args: str | Path):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def failing(result) -> set[tuple[str, int]]:
@@ -542,7 +535,7 @@ def test_measure_with_baseline_json_reports_the_verdict(runs, tmp_path):
 
 
 # -- examples/ci: the commands of the Makefile and the GitHub workflow, run as written -------------------------------
-CI_EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ci"
+CI_EXAMPLES = REPO / "examples" / "ci"
 
 
 def oversmooth_commands(script: str, variables: dict[str, str], ref: str) -> list[list[str]]:
@@ -583,12 +576,12 @@ def test_makefile_targets_make_a_baseline_then_gate_on_it(runs, tmp_path):
         "CHECK_ARGS": check_args,
     }
     for argv in oversmooth_commands(make_recipe(makefile, "oversmooth-baseline"), variables, "$({})"):
-        r = runner.invoke(app, argv)
+        r = invoke(*argv)
         assert r.exit_code == 0, (argv, r.output)
     assert sorted(p.name for p in (tmp_path / "baseline").iterdir()) == ["layers.csv", "summary.json"]
     (check,) = oversmooth_commands(make_recipe(makefile, "oversmooth-check"), variables, "$({})")
     assert check[:1] == ["measure"] and "--baseline" in check
-    r = runner.invoke(app, check)
+    r = invoke(*check)
     assert r.exit_code == 0, r.output
     assert "PASSED: all 7" in r.output
     assert ET.parse(tmp_path / "run" / "junit.xml").getroot().get("failures") == "0"
@@ -600,12 +593,12 @@ def test_github_workflow_step_runs_as_written(runs, tmp_path):
     workflow = (CI_EXAMPLES / "oversmooth.yml").read_text()
     env = dict(re.findall(r"^  ([A-Z_]+): (.*?)(?:\s+#.*)?$", workflow, flags=re.MULTILINE))
     assert {"CHECKPOINT", "IMAGES", "BASELINE", "CHECK_ARGS", "RUN_DIR"} <= set(env)
-    assert (Path(__file__).resolve().parents[1] / env["IMAGES"]).is_dir()  # the pinned images are in the repo
+    assert (REPO / env["IMAGES"]).is_dir()  # the pinned images are in the repo
     env.update(CHECKPOINT=str(runs.ckpt_b), IMAGES=str(runs.images), BASELINE=str(runs.run_a))
     env["RUN_DIR"] = str(tmp_path / env["RUN_DIR"])
     (argv,) = oversmooth_commands(workflow, env, "${}")
     assert argv[:1] == ["measure"] and "--baseline" in argv
-    r = runner.invoke(app, argv)
+    r = invoke(*argv)
     ref = check_runs(runs.run_a, runs.run_b, tolerance_from_args(env["CHECK_ARGS"]))
     assert r.exit_code == (0 if ref.passed else EXIT_FAILED_CHECK), r.output
     for name in ("report.md", "junit.xml", "diff.png", "layers.csv"):

@@ -9,27 +9,19 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from oversmooth_cli.cli import app
+from oversmooth_cli.accumulate import RunningMoments
 from oversmooth_cli.measure import measure
-from oversmooth_cli.metrics import RunningMoments
 from oversmooth_cli.report import HEAD_COLUMNS, LAYER_COLUMNS
 
-from .conftest import TINY_ARCH, TINY_ARGS, tiny_cli_args
+from ._helpers import TINY_ARCH, TINY_ARGS, brute_token_cosine, invoke, reference_states, tiny_cli_args
 
 pytestmark = pytest.mark.cli
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_measure_writes_every_output(tiny_folder, few_images, tmp_path):
     out = tmp_path / "run"
-    res = run("measure", tiny_folder, few_images, "--out", out, "--device", "cpu", "-b", "2")
+    res = invoke("measure", tiny_folder, few_images, "--out", out, "--device", "cpu", "-b", "2")
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == ["curves.png", "heads.csv", "layers.csv", "summary.json"]
     layers = pd.read_csv(out / "layers.csv")
@@ -61,10 +53,7 @@ def test_cli_equals_library_and_float64_reference(tiny_folder, few_images, tmp_p
     from oversmooth_cli.data import build_loader, find_images
     from oversmooth_cli.models import load_model
 
-    from .test_capture import reference_states
-    from .test_metrics import brute_token_cosine
-
-    res = run("measure", tiny_folder, few_images, "--out", tmp_path / "r", "--device", "cpu", "--quiet")
+    res = invoke("measure", tiny_folder, few_images, "--out", tmp_path / "r", "--device", "cpu", "--quiet")
     assert res.exit_code == 0, res.output
     layers = pd.read_csv(tmp_path / "r" / "layers.csv")
     loaded = load_model(str(tiny_folder))
@@ -81,7 +70,7 @@ def test_every_attention_tap_gives_the_same_tables(tiny_folder, few_images, tmp_
     tables = {}
     for tap in ("auto", "qk", "inline", "softmax"):
         out = tmp_path / tap
-        res = run("measure", tiny_folder, few_images, "--out", out, "--device", "cpu", "--attention-tap", tap, "-q")
+        res = invoke("measure", tiny_folder, few_images, "--out", out, "--device", "cpu", "--attention-tap", tap, "-q")
         assert res.exit_code == 0, res.output
         assert json.loads((out / "summary.json").read_text())["run"]["attention_tap"] == tap.replace("auto", "inline")
         tables[tap] = pd.read_csv(out / "layers.csv")
@@ -91,7 +80,7 @@ def test_every_attention_tap_gives_the_same_tables(tiny_folder, few_images, tmp_
 
 
 def test_json_prints_only_the_summary(tiny_folder, few_images, tmp_path):
-    res = run("measure", tiny_folder, few_images, "--out", tmp_path / "j", "--json", "--device", "cpu")
+    res = invoke("measure", tiny_folder, few_images, "--out", tmp_path / "j", "--json", "--device", "cpu")
     assert res.exit_code == 0
     data = json.loads(res.stdout)
     assert data["images"]["measured"] == 5 and data["out"] == str(tmp_path / "j")
@@ -99,19 +88,19 @@ def test_json_prints_only_the_summary(tiny_folder, few_images, tmp_path):
 
 def test_timm_name_with_model_args_and_limit(few_images, tmp_path):
     args = ["measure", TINY_ARCH, few_images, "--out", tmp_path / "n", "--limit", "3", "--seed", "1", "-q"]
-    res = run(*args, *tiny_cli_args())
+    res = invoke(*args, *tiny_cli_args())
     assert res.exit_code == 0, res.output
     assert pd.read_csv(tmp_path / "n" / "layers.csv").n_images.unique().tolist() == [3]
 
 
 def test_unreadable_file_is_skipped_listed_or_fatal_with_strict(tiny_folder, few_images, tmp_path):
     (few_images / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    res = run("measure", tiny_folder, few_images, "--out", tmp_path / "s", "-q")
+    res = invoke("measure", tiny_folder, few_images, "--out", tmp_path / "s", "-q")
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["images"]["skipped"] == 1 and summary["images"]["measured"] == 5
     assert summary["images"]["skipped_files"][0]["path"].endswith("broken.jpg")
-    res = run("measure", tiny_folder, few_images, "--out", tmp_path / "strict", "--strict", "-q")
+    res = invoke("measure", tiny_folder, few_images, "--out", tmp_path / "strict", "--strict", "-q")
     assert res.exit_code == 2
     assert "broken.jpg" in res.stderr and "--strict" in res.stderr and "Traceback" not in res.output
     assert not (tmp_path / "strict").exists(), "nothing half-written after a failure"
@@ -122,10 +111,10 @@ def test_out_folder_is_protected_unless_overwrite(tiny_folder, few_images, tmp_p
     out = tmp_path / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    res = run("measure", tiny_folder, few_images, "--out", out, "-q")
+    res = invoke("measure", tiny_folder, few_images, "--out", out, "-q")
     assert res.exit_code == 2 and "--overwrite" in res.stderr
     assert (out / "keep.txt").exists()
-    res = run("measure", tiny_folder, few_images, "--out", out, "-q", "--overwrite")
+    res = invoke("measure", tiny_folder, few_images, "--out", out, "-q", "--overwrite")
     assert res.exit_code == 0 and (out / "layers.csv").exists() and not (out / "keep.txt").exists()
 
 
@@ -158,7 +147,7 @@ def test_bad_input_exits_2_with_one_line(make_args, message, tiny_folder, few_im
     if torch.cuda.is_available() and message == "no CUDA device":
         pytest.skip("CUDA is available here")
     (tmp_path / "empty").mkdir()
-    res = run(*make_args(tmp_path, tiny_folder, few_images), "--out", tmp_path / "o", "-q")
+    res = invoke(*make_args(tmp_path, tiny_folder, few_images), "--out", tmp_path / "o", "-q")
     assert res.exit_code == 2, res.output
     assert message in res.stderr
     assert res.stderr.strip().startswith("Error:") and len(res.stderr.strip().splitlines()) == 1
@@ -166,7 +155,7 @@ def test_bad_input_exits_2_with_one_line(make_args, message, tiny_folder, few_im
 
 
 def test_no_strict_loads_and_lists_misfits(tiny_folder, few_images, tmp_path):
-    res = run(
+    res = invoke(
         "measure", tiny_folder, few_images, "--out", tmp_path / "ns", "--no-strict", "-q", "--model-arg", "depth=4"
     )
     assert res.exit_code == 0, res.output
@@ -176,9 +165,9 @@ def test_no_strict_loads_and_lists_misfits(tiny_folder, few_images, tmp_path):
 
 def test_pickled_model_needs_trust(tiny_model, few_images, tmp_path):
     torch.save(tiny_model, tmp_path / "whole.pt")
-    res = run("measure", tmp_path / "whole.pt", few_images, "--out", tmp_path / "p", "-q")
+    res = invoke("measure", tmp_path / "whole.pt", few_images, "--out", tmp_path / "p", "-q")
     assert res.exit_code == 2 and "--trust-checkpoint" in res.stderr
-    res = run("measure", tmp_path / "whole.pt", few_images, "--out", tmp_path / "p", "-q", "--trust-checkpoint")
+    res = invoke("measure", tmp_path / "whole.pt", few_images, "--out", tmp_path / "p", "-q", "--trust-checkpoint")
     assert res.exit_code == 0, res.output
 
 
@@ -208,7 +197,7 @@ def test_python_m_and_help_in_a_subprocess():
 
 
 def test_no_applicable_metric_is_bad_input(few_images, tmp_path):
-    res = run(
+    res = invoke(
         "measure",
         "test_vit2",
         few_images,
@@ -227,7 +216,7 @@ def test_no_applicable_metric_is_bad_input(few_images, tmp_path):
 def test_unwritable_output_is_exit_2_and_a_bug_is_exit_3(tiny_folder, few_images, tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    res = run("measure", tiny_folder, few_images, "--out", blocker / "run", "-q")
+    res = invoke("measure", tiny_folder, few_images, "--out", blocker / "run", "-q")
     assert res.exit_code == 2 and "cannot access" in res.stderr and "Traceback" not in res.output
 
     import oversmooth_cli.measure as M
@@ -236,7 +225,7 @@ def test_unwritable_output_is_exit_2_and_a_bug_is_exit_3(tiny_folder, few_images
         raise RuntimeError("simulated bug")
 
     monkeypatch.setattr(M, "measure_batches", boom)
-    res = run("measure", tiny_folder, few_images, "--out", tmp_path / "bug", "-q")
+    res = invoke("measure", tiny_folder, few_images, "--out", tmp_path / "bug", "-q")
     assert res.exit_code == 3, "a crash must never look like a failed check (1) or bad input (2)"
     assert "internal error RuntimeError: simulated bug" in res.stderr and "OVERSMOOTH_DEBUG" in res.stderr
     assert not (tmp_path / "bug").exists()

@@ -10,30 +10,26 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from oversmooth_cli.check import load_run
-from oversmooth_cli.cli import app
 from oversmooth_cli.compare import compare_runs, default_labels
 from oversmooth_cli.errors import EXIT_BAD_INPUT, UserError
 from oversmooth_cli.measure import measure, write_run
 from oversmooth_cli.models import load_model
+from oversmooth_cli.report import load_run
 
-from .conftest import PHOTOS, TINY_ARCH, TINY_ARGS
+from ._helpers import PHOTOS, TINY_ARCH, TINY_ARGS, invoke
 
 pytestmark = pytest.mark.check
 
 ARCH = TINY_ARCH
 DEPTHS = (2, 3, 4)
 
-runner = CliRunner()
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[int, Path]:
     """``{depth: run folder}``, each measured on the same 3 real photos."""
     root = tmp_path_factory.mktemp("compare")
-    images = sorted(PHOTOS.iterdir())[:3]
+    images = [PHOTOS[name] for name in ("astronaut.png", "camera.png", "chelsea.png")]
     out = {}
     for depth in DEPTHS:
         torch.manual_seed(depth)
@@ -45,10 +41,6 @@ def runs(tmp_path_factory) -> dict[int, Path]:
 def means(run: Path) -> pd.Series:
     """Independent reference: ``{(metric, layer): mean}`` straight from a run's layers.csv."""
     return pd.read_csv(run / "layers.csv").set_index(["metric", "layer"])["mean"]
-
-
-def invoke(*args: str | Path):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_compare_writes_png_and_wide_csv(runs, tmp_path):

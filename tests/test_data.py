@@ -15,6 +15,8 @@ from oversmooth_cli.data import (
 )
 from oversmooth_cli.errors import UserError
 
+from ._helpers import PHOTOS
+
 pytestmark = pytest.mark.data
 
 CFG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0}
@@ -50,16 +52,16 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
     assert out.min() == 0 and out.max() == 255 and 120 < out.mean() < 135
 
 
-def test_cmyk_palette_rgba_and_gray(tmp_path, photos):
-    rgb = Image.open(photos / "chelsea.png").convert("RGB")
+def test_cmyk_palette_rgba_and_gray(tmp_path):
+    rgb = Image.open(PHOTOS["chelsea.png"]).convert("RGB")
     rgb.convert("CMYK").save(tmp_path / "cmyk.jpg")
     pal = rgb.convert("P")
     pal.info["transparency"] = 0
     pal.save(tmp_path / "pal.png", transparency=0)
     for name in ("cmyk.jpg", "pal.png"):
         assert load_rgb(tmp_path / name).mode == "RGB"
-    assert load_rgb(photos / "horse.png").mode == "RGB"  # RGBA
-    gray = np.asarray(load_rgb(photos / "camera.png"))
+    assert load_rgb(PHOTOS["horse.png"]).mode == "RGB"  # RGBA
+    gray = np.asarray(load_rgb(PHOTOS["camera.png"]))
     assert (gray[..., 0] == gray[..., 2]).all()
 
 
@@ -71,9 +73,9 @@ def test_exif_orientation_is_applied(tmp_path):
     assert load_rgb(tmp_path / "rot.jpg").size == (20, 40)
 
 
-def test_draft_decodes_large_jpeg_at_reduced_scale(photos):
-    full = load_rgb(photos / "retina.jpg")
-    small = load_rgb(photos / "retina.jpg", draft_size=(300, 300))
+def test_draft_decodes_large_jpeg_at_reduced_scale():
+    full = load_rgb(PHOTOS["retina.jpg"])
+    small = load_rgb(PHOTOS["retina.jpg"], draft_size=(300, 300))
     assert full.size == (1411, 1411)
     assert 300 <= small.size[0] < 706
 

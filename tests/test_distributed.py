@@ -19,26 +19,25 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from oversmooth_cli.cli import app
 from oversmooth_cli.data import shard_paths
 from oversmooth_cli.measure import measure
+
+from ._helpers import PHOTOS, invoke
 
 pytestmark = pytest.mark.distributed
 
 RUN_FILES = {"layers.csv", "heads.csv", "summary.json", "curves.png"}
 KEYS = ["metric", "layer"]
-runner = CliRunner()
 
 
 @pytest.fixture
-def image_dir(tmp_path: Path, photos: Path) -> Path:
+def image_dir(tmp_path: Path) -> Path:
     """Seven real photos (PNG and JPEG, RGB, L, RGBA) and one unreadable file: 8 paths, uneven over 2 ranks."""
     folder = tmp_path / "images"
     folder.mkdir()
     for name in ("chelsea.png", "camera.png", "horse.png", "rocket.jpg", "coins.png", "china.jpg", "text.png"):
-        shutil.copy(photos / name, folder / name)
+        shutil.copy(PHOTOS[name], folder / name)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     return folder
 
@@ -115,8 +114,8 @@ def _rank_main(rank: int, world: int, port: int, paths: dict[str, str], result_d
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from oversmooth_cli import distributed as D
     from oversmooth_cli import measure as M
+    from oversmooth_cli import runtime as D
 
     shards: list[list[str]] = []
     real_loader = M.build_loader
@@ -128,7 +127,7 @@ def _rank_main(rank: int, world: int, port: int, paths: dict[str, str], result_d
     M.build_loader = recording_loader
     try:
         args = ["measure", paths["model"], paths["folder"], "--out", paths["out"], "--device", "cpu", "-b", "2"]
-        cli = CliRunner().invoke(app, [*args, "--json"])
+        cli = invoke(*args, "--json")
         joined = dist.is_initialized() and dist.get_world_size() == world
         one = M.measure(paths["model"], paths["one"], device="cpu", batch_size=2, command="spawned")
         result = {
@@ -178,14 +177,10 @@ def test_two_ranks_shard_once_sum_and_only_rank0_writes(tmp_path: Path, tiny_fol
 
 
 # -- speed options ------------------------------------------------------------------------------------------------
-def _cli(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args])
-
-
 def test_channels_last_gives_the_same_tables(tmp_path: Path, tiny_folder: Path, few_images: Path) -> None:
     common = ["measure", tiny_folder, few_images, "--device", "cpu", "--quiet"]
-    plain = _cli(*common, "--out", tmp_path / "plain")
-    fast = _cli(*common, "--out", tmp_path / "cl", "--channels-last")
+    plain = invoke(*common, "--out", tmp_path / "plain")
+    fast = invoke(*common, "--out", tmp_path / "cl", "--channels-last")
     assert plain.exit_code == 0 and fast.exit_code == 0, plain.output + fast.output
     summary = json.loads((tmp_path / "cl" / "summary.json").read_text())
     assert summary["run"]["channels_last"] is True and summary["run"]["compile"] is False
@@ -218,7 +213,7 @@ def test_compile_failure_falls_back_with_one_warning_line(
     monkeypatch.setattr(torch, "compile", broken_compile)
     common = ["measure", tiny_folder, few_images, "--device", "cpu", "--quiet"]
     with caplog.at_level(logging.WARNING, logger="oversmooth_cli.measure"):
-        res = _cli(*common, "--out", tmp_path / "compiled", "--compile")
+        res = invoke(*common, "--out", tmp_path / "compiled", "--compile")
     assert res.exit_code == 0, res.output
     warnings = [r.getMessage() for r in caplog.records if r.name == "oversmooth_cli.measure"]
     assert warnings == [
@@ -227,7 +222,7 @@ def test_compile_failure_falls_back_with_one_warning_line(
     summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
     assert summary["run"]["compile"] is True and summary["run"]["compiled"] is False
     assert summary["images"]["measured"] == 5
-    plain = _cli(*common, "--out", tmp_path / "plain")
+    plain = invoke(*common, "--out", tmp_path / "plain")
     assert plain.exit_code == 0
     assert_same_tables(
         pd.read_csv(tmp_path / "compiled" / "layers.csv"), pd.read_csv(tmp_path / "plain" / "layers.csv"), KEYS

@@ -11,42 +11,35 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
 import re
-import sys
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import pandas as pd
 import pytest
 import timm
 import torch
-from typer.testing import CliRunner
 
-from oversmooth_cli.adapters import ADAPTERS, UNSUPPORTED, BlockSpec, UnsupportedModelError, resolve_adapter
+from oversmooth_cli.adapters import ADAPTERS, UNSUPPORTED, BlockSpec, resolve_adapter
+from oversmooth_cli.attention import iter_attention_probs
 from oversmooth_cli.capture import OversmoothingCapture
-from oversmooth_cli.cli import app
-from oversmooth_cli.metrics import iter_attention_probs
 from oversmooth_cli.report import read_layers, stage_boundaries
+from oversmooth_cli.taps import UnsupportedModelError
 
-from .conftest import REPO, tiny_cli_args
-from .test_capture import SdpaCalls, assert_same_values
-from .test_metrics import brute_attention_std, brute_token_cosine
+from ._helpers import (
+    REPO,
+    SdpaCalls,
+    assert_same_values,
+    brute_attention_std,
+    brute_token_cosine,
+    compat_table,
+    invoke,
+    tiny_cli_args,
+)
 
 pytestmark = pytest.mark.capture
-
-
-def _load_compat():
-    spec = importlib.util.spec_from_file_location("compat_table", REPO / "scripts" / "compat_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compat_table"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-compat = _load_compat()
-SMALL = compat.SMALL_MODELS
 
 
 class Expect(NamedTuple):
@@ -152,11 +145,11 @@ FAMILIES = [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f for f in
 
 @functools.cache
 def small_model(family: str) -> torch.nn.Module:
-    return SMALL[family].create()
+    return compat_table().SMALL_MODELS[family].create()
 
 
 def images(family: str, n: int = 2) -> torch.Tensor:
-    size = SMALL[family].img_size
+    size = compat_table().SMALL_MODELS[family].img_size
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
@@ -190,8 +183,12 @@ def tapped(specs: list[BlockSpec], mode: str) -> Iterator[tuple[dict, dict]]:
     try:
         for s in specs:
             if s.attention is not None:
-                on_qk_s, on_probs_s = functools.partial(on_qk, s.name), functools.partial(on_probs, s.name)
-                h, undo = s.tap.install(s.attention, mode, on_qk_s, on_probs_s, s.group.heads_dim)
+                sink = SimpleNamespace(
+                    qk=functools.partial(on_qk, s.name),
+                    probs=functools.partial(on_probs, s.name),
+                    attend=lambda *a: None,
+                )
+                h, undo = s.tap.install(s.attention, mode, sink, s.group.heads_dim)
                 handles += h
                 undos.append(undo)
         yield maps, sources
@@ -221,7 +218,9 @@ def capture(model, x: torch.Tensor, tap: str = "qk", order: list | None = None):
 
 
 def test_every_supported_family_has_a_recipe_and_an_expectation():
-    assert set(ADAPTERS) <= set(SMALL), "add a small model to scripts/compat_table.py SMALL_MODELS"
+    assert set(ADAPTERS) <= set(compat_table().SMALL_MODELS), (
+        "add a small model to scripts/compat_table.py SMALL_MODELS"
+    )
     assert set(EXPECTED) == set(ADAPTERS)
 
 
@@ -305,7 +304,7 @@ def test_family_layers_values_and_recomputed_attention(family):
 )
 def test_prefix_tokens_are_excluded_like_timm_splits_them(arch, args, prefix):
     torch.manual_seed(0)
-    model = timm.create_model(arch, pretrained=False, num_classes=0, **{**compat.VIT, **args}).eval()
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **{**compat_table().VIT, **args}).eval()
     x = torch.randn(2, 3, 32, 32)
     layers, _, cap = capture(model, x)
     assert cap.prefix == prefix
@@ -366,41 +365,27 @@ def test_unsupported_models_get_one_line_naming_the_family():
 
 
 def test_measure_refuses_an_unsupported_family_in_one_line(tmp_path, few_images):
-    result = CliRunner().invoke(app, ["measure", "efficientvit_b0", str(few_images), "--out", str(tmp_path / "r")])
+    result = invoke("measure", "efficientvit_b0", few_images, "--out", tmp_path / "r")
     assert result.exit_code == 2
     assert "model family 'efficientvit_mit' (EfficientVit) cannot be measured: ReLU linear attention" in result.output
     assert not (tmp_path / "r").exists()
 
 
 def test_models_command_lists_architectures_with_their_support():
-    runner = CliRunner()
-    result = runner.invoke(app, ["models", "xcit_nano_12_p8*"], env={"COLUMNS": "200"})
+    result = invoke("models", "xcit_nano_12_p8*", env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert re.search(r"xcit_nano_12_p8_224 +│ xcit +│ measured +│ all layers +│ some blocks", result.output)
     assert "XCA blocks attend over channels" in result.output
-    result = runner.invoke(app, ["models", "resnet18"], env={"COLUMNS": "200"})
+    result = invoke("models", "resnet18", env={"COLUMNS": "200"})
     assert result.exit_code == 0 and re.search(r"resnet18 +│ resnet +│ no attention", result.output)
-    result = runner.invoke(app, ["models", "no_such_model*"])
+    result = invoke("models", "no_such_model*")
     assert result.exit_code == 2 and "no timm architecture matches 'no_such_model*'" in result.output
 
 
 def test_measure_a_hierarchical_model_writes_stages_and_tokens(tmp_path, few_images):
-    args = SMALL["swin_transformer"].args
+    swin = compat_table().SMALL_MODELS["swin_transformer"]
     out = tmp_path / "run"
-    result = CliRunner().invoke(
-        app,
-        [
-            "measure",
-            SMALL["swin_transformer"].arch,
-            str(few_images),
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-            "-q",
-            *tiny_cli_args(args),
-        ],
-    )
+    result = invoke("measure", swin.arch, few_images, "--out", out, "--device", "cpu", "-q", *tiny_cli_args(swin.args))
     assert result.exit_code == 0, result.output
     layers = read_layers(out)
     cosine = layers[layers["metric"] == "token_cosine"].sort_values("layer")
@@ -439,6 +424,7 @@ def test_old_layers_csv_without_stage_columns_still_reads(tmp_path):
 
 def test_compatibility_doc_lists_every_family():
     doc = (REPO / "docs" / "compatibility.md").read_text()
+    compat = compat_table()
     total = len(compat.families())
     match = re.search(r"\*\*(\d+) of (\d+) families measured\*\*", doc)
     assert match and int(match.group(2)) == total

@@ -14,24 +14,22 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from oversmooth_cli import finetune as FT
 from oversmooth_cli import losses as L
-from oversmooth_cli.cli import app
-from oversmooth_cli.data import build_transform, load_rgb
+from oversmooth_cli import training as T
+from oversmooth_cli.data import ShardSampler, build_transform, load_rgb, stratified_split
 from oversmooth_cli.errors import UserError
 from oversmooth_cli.metrics import token_cosine
 from oversmooth_cli.models import load_model
 from oversmooth_cli.report import LAYER_COLUMNS
 
-from .conftest import DIGITS, REPO, TINY_ARCH, tiny_cli_args
+from ._helpers import REPO, TINY_ARCH, TINY_ARGS_DEPTH2, digit_images, invoke, tiny_cli_args
 
 pytestmark = [pytest.mark.finetune, pytest.mark.cli]
 
-runner = CliRunner()
-ARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 CLASSES = ("0", "1", "2", "3")
+MODEL_ARGS = tiny_cli_args(TINY_ARGS_DEPTH2)  # the 2-block tiny ViT every run trains, as --model-arg flags
 COMMON = ["--epochs", "2", "--batch-size", "8", "--device", "cpu", "--lr", "2e-3", "--warmup-epochs", "0.5"]
 
 
@@ -47,10 +45,6 @@ def _one_thread():
 ONE_EPOCH = ["--epochs", "1", *COMMON[2:]]
 
 
-def run(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """40 real training digits (4 classes x 10) and 12 validation digits (4 x 3) in ImageFolder layout."""
@@ -58,7 +52,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     for split, per_class in (("train", 10), ("val", 3)):
         for c in CLASSES:
             (root / split / c).mkdir(parents=True)
-            for p in sorted((DIGITS / split / c).glob("*.png"))[:per_class]:
+            for p in digit_images(split, c, per_class):
                 shutil.copy(p, root / split / c / p.name)
     return root / "train", root / "val"
 
@@ -88,9 +82,9 @@ def full_run(digits, tmp_path_factory: pytest.TempPathFactory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        res = run(
+        res = invoke(
             "finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, "--loss", "cos,cons,token",
-            "--cutmix-prob", "1", *COMMON, *tiny_cli_args(ARGS),
+            "--cutmix-prob", "1", *COMMON, *MODEL_ARGS,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -107,7 +101,7 @@ def test_cli_writes_every_output_and_measure_loads_it(digits, full_run, tmp_path
     assert "last-layer token cosine" in res.stdout and "Wrote" in res.stdout
 
     history = pd.read_csv(out / "history.csv")
-    assert list(history.columns) == FT.HISTORY_COLUMNS
+    assert list(history.columns) == T.HISTORY_COLUMNS
     assert history["epoch"].tolist() == [1, 2] and (history["cons_sim"] == "cos").all()
     for term in ("ce", "cos", "cons", "token"):
         assert history[f"train_{term}"].notna().all()
@@ -125,7 +119,7 @@ def test_cli_writes_every_output_and_measure_loads_it(digits, full_run, tmp_path
 
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == TINY_ARCH and config["num_classes"] == 4
-    assert config["model_args"] == ARGS and config["label_names"] == list(CLASSES)
+    assert config["model_args"] == TINY_ARGS_DEPTH2 and config["label_names"] == list(CLASSES)
     assert config["finetune"]["config"]["cons_sim"] == "cos"
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["epoch"] == 2 and state["step_in_epoch"] == 0 and state["global_step"] == 10
@@ -137,11 +131,11 @@ def test_cli_writes_every_output_and_measure_loads_it(digits, full_run, tmp_path
     best = history.loc[history["val_top1"].idxmax()]
     assert top1 == pytest.approx(best["val_top1"])
     after = pd.read_csv(out / "after" / "layers.csv")
-    last = after[(after.metric == "token_cosine") & (after.layer == ARGS["depth"])]["mean"].item()
+    last = after[(after.metric == "token_cosine") & (after.layer == TINY_ARGS_DEPTH2["depth"])]["mean"].item()
     assert history["val_token_cosine"].iloc[-1] == pytest.approx(last, abs=1e-5)  # eval == measure on the same model
     if best["epoch"] == 2:
         assert cosine == pytest.approx(last, abs=1e-5)
-    assert run("measure", out, val, "--out", tmp_path / "m", "-q").exit_code == 0
+    assert invoke("measure", out, val, "--out", tmp_path / "m", "-q").exit_code == 0
 
 
 def _one_line(res) -> str:
@@ -167,7 +161,7 @@ def test_bad_input_is_one_line_and_exit_2(case, message, digits, tmp_path):
     if case == "no_classes":
         train = tmp_path / "flat"
         train.mkdir()
-        shutil.copy(next((DIGITS / "train" / "0").glob("*.png")), train / "a.png")
+        shutil.copy(digit_images("train", "0", 1)[0], train / "a.png")
     elif case == "one_class":
         train = tmp_path / "one"
         shutil.copytree(digits[0] / "0", train / "0")
@@ -183,35 +177,35 @@ def test_bad_input_is_one_line_and_exit_2(case, message, digits, tmp_path):
         val = tmp_path / "val3"
         for c in CLASSES[:3]:
             shutil.copytree(digits[1] / c, val / c)
-    res = run("finetune", TINY_ARCH, train, "--val-dir", val, "--out", tmp_path / "o", *extra, *tiny_cli_args(ARGS))
+    res = invoke("finetune", TINY_ARCH, train, "--val-dir", val, "--out", tmp_path / "o", *extra, *MODEL_ARGS)
     assert message in _one_line(res)
     assert not (tmp_path / "o").exists()
 
 
 def test_stratified_split_holds_out_each_class_in_proportion(tmp_path):
     per_class = {c: [tmp_path / f"{c}{i}.png" for i in range(n)] for c, n in (("a", 10), ("b", 21), ("c", 1))}
-    train, val = FT.stratified_split(per_class, 0.2, seed=3)
+    train, val = stratified_split(per_class, 0.2, seed=3)
     assert {c: len(v) for c, v in val.items()} == {"a": 2, "b": 4, "c": 0}
     for c, paths in per_class.items():
         assert sorted(train[c] + val[c]) == sorted(paths) and not set(train[c]) & set(val[c])
-    assert FT.stratified_split(per_class, 0.2, seed=3) == (train, val)
-    assert FT.stratified_split(per_class, 0.2, seed=4)[1] != val
+    assert stratified_split(per_class, 0.2, seed=3) == (train, val)
+    assert stratified_split(per_class, 0.2, seed=4)[1] != val
 
 
 def test_shard_sampler_splits_every_epoch_into_disjoint_rank_shards():
-    shards = [FT.ShardSampler(10, seed=0, epoch=1, rank=r, world=3).indices() for r in range(3)]
+    shards = [ShardSampler(10, seed=0, epoch=1, rank=r, world=3).indices() for r in range(3)]
     assert [len(s) for s in shards] == [4, 4, 4]
     assert sorted(i for s in shards for i in s[:3]) == sorted(set(i for s in shards for i in s[:3]))
     assert set().union(*map(set, shards)) == set(range(10))
-    assert FT.ShardSampler(10, 0, 1, 0, 3, skip=2).indices() == shards[0][2:]
-    assert FT.ShardSampler(10, 0, 2, 0, 1).indices() != FT.ShardSampler(10, 0, 1, 0, 1).indices()
+    assert ShardSampler(10, 0, 1, 0, 3, skip=2).indices() == shards[0][2:]
+    assert ShardSampler(10, 0, 2, 0, 1).indices() != ShardSampler(10, 0, 1, 0, 1).indices()
 
 
 def _library_run(train: Path, val: Path, out: Path, **kwargs) -> FT.FinetuneResult:
     cfg = FT.FinetuneConfig(
         losses=("cos", "cons", "token"), epochs=2, batch_size=8, lr=2e-3, warmup_epochs=0.5, cutmix_prob=1.0
     )
-    return FT.finetune(TINY_ARCH, train, out, cfg, val_dir=val, model_args=ARGS, device="cpu", **kwargs)
+    return FT.finetune(TINY_ARCH, train, out, cfg, val_dir=val, model_args=TINY_ARGS_DEPTH2, device="cpu", **kwargs)
 
 
 def test_interrupt_then_resume_equals_an_uninterrupted_run(digits, full_run, tmp_path):
@@ -220,7 +214,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(digits, full_run, tmp
     full, res = full_run
     assert res.exit_code == 0, res.output
 
-    def ctrl_c(info: FT.StepInfo) -> None:  # Ctrl-C during epoch 2; the run stops after the next step
+    def ctrl_c(info: T.StepInfo) -> None:  # Ctrl-C during epoch 2; the run stops after the next step
         if (info.epoch, info.step) == (2, 1):
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -231,9 +225,9 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(digits, full_run, tmp
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 7)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
-    res = run(
+    res = invoke(
         "finetune", TINY_ARCH, train, "--val-dir", val, "--resume", tmp_path / "part", "--loss", "cos,cons,token",
-        "--cutmix-prob", "1", *COMMON, *tiny_cli_args(ARGS),
+        "--cutmix-prob", "1", *COMMON, *MODEL_ARGS,
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "resuming" in res.stderr
@@ -262,7 +256,7 @@ def test_accumulation_and_workers_give_the_same_training(digits, tmp_path, monke
             cutmix=False, lr=2e-3,
         )  # fmt: skip
         out = tmp_path / name
-        FT.finetune(TINY_ARCH, train, out, cfg, val_dir=val, model_args=ARGS, device="cpu", workers=workers)
+        FT.finetune(TINY_ARCH, train, out, cfg, val_dir=val, model_args=TINY_ARGS_DEPTH2, device="cpu", workers=workers)
         results[name] = load_file(str(out / "checkpoint-last.safetensors"))
         assert torch.load(out / "train_state.pt", weights_only=True)["global_step"] == 5
     assert len(norms["plain"]) == len(norms["accum"]) == 5
@@ -273,7 +267,7 @@ def test_accumulation_and_workers_give_the_same_training(digits, tmp_path, monke
 
 def test_ctrl_c_on_the_command_line_saves_and_exits_130(digits, tmp_path, monkeypatch):
     train, val = digits
-    real = FT._train_window
+    real = T.Trainer.train_window
     calls = {"n": 0}
 
     def window_then_ctrl_c(*args, **kwargs):
@@ -283,18 +277,18 @@ def test_ctrl_c_on_the_command_line_saves_and_exits_130(digits, tmp_path, monkey
             os.kill(os.getpid(), signal.SIGINT)  # lands between steps 2 and 3; the run stops after step 3
         return stopping
 
-    monkeypatch.setattr(FT, "_train_window", window_then_ctrl_c)
+    monkeypatch.setattr(T.Trainer, "train_window", window_then_ctrl_c)
     out = tmp_path / "run"
-    res = run("finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, "--loss", "none", *ONE_EPOCH,
-              *tiny_cli_args(ARGS))  # fmt: skip
+    res = invoke("finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, "--loss", "none", *ONE_EPOCH,
+                 *MODEL_ARGS)  # fmt: skip
     assert res.exit_code == 130, res.output
     assert f"Interrupted at epoch 1, step 3: saved a resumable checkpoint; continue with --resume {out}" in res.stderr
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 3, 3)
     assert not (out / "history.csv").exists() and not (out / "after").exists()
-    monkeypatch.setattr(FT, "_train_window", real)
-    res = run("finetune", TINY_ARCH, train, "--val-dir", val, "--resume", out, "--loss", "none", *ONE_EPOCH,
-              *tiny_cli_args(ARGS))  # fmt: skip
+    monkeypatch.setattr(T.Trainer, "train_window", real)
+    res = invoke("finetune", TINY_ARCH, train, "--val-dir", val, "--resume", out, "--loss", "none", *ONE_EPOCH,
+                 *MODEL_ARGS)  # fmt: skip
     assert res.exit_code == 0, res.output
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1]
 
@@ -304,10 +298,10 @@ def test_resume_refuses_other_options(digits, full_run):
     out = full_run[0]
     before = (out / "train_state.pt").read_bytes()
     slower = ["--lr", "1e-3"]  # the last --lr wins
-    res = run("finetune", TINY_ARCH, train, "--val-dir", val, "--resume", out, "--loss", "cos,cons,token",
-              "--cutmix-prob", "1", *COMMON, *slower, *tiny_cli_args(ARGS))  # fmt: skip
+    res = invoke("finetune", TINY_ARCH, train, "--val-dir", val, "--resume", out, "--loss", "cos,cons,token",
+                 "--cutmix-prob", "1", *COMMON, *slower, *MODEL_ARGS)  # fmt: skip
     assert "lr: run used 0.002, now 0.001" in _one_line(res)
-    res = run("finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, *tiny_cli_args(ARGS))
+    res = invoke("finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, *MODEL_ARGS)
     assert "--overwrite" in _one_line(res)
     assert (out / "train_state.pt").read_bytes() == before
 
@@ -322,9 +316,9 @@ def test_non_finite_loss_stops_naming_the_term_and_keeps_the_last_checkpoint(dig
         value = real.fn(t)
         return value * float("nan") if calls["n"] > 5 else value  # 5 steps per epoch
 
-    monkeypatch.setitem(L.LOSS_TERMS, "cons", L.LossTerm("cons", cons_nan_in_epoch_2, 0.5, False, real.definition))
+    monkeypatch.setitem(L.LOSS_TERMS, "cons", L.LossTerm("cons", cons_nan_in_epoch_2, real.definition))
     out = tmp_path / "run"
-    res = run("finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, "-q", *COMMON, *tiny_cli_args(ARGS))
+    res = invoke("finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, "-q", *COMMON, *MODEL_ARGS)
     line = _one_line(res)
     assert "non-finite loss: l_cons = nan at epoch 2, step 1" in line and "--w-cons" in line
     assert f"--resume {out}" in line
@@ -337,7 +331,7 @@ def test_non_finite_loss_stops_naming_the_term_and_keeps_the_last_checkpoint(dig
 
 
 def test_user_error_classes():
-    assert issubclass(FT.NonFiniteLossError, UserError)
+    assert issubclass(T.NonFiniteLossError, UserError)
     assert FT.parse_losses("none") == () and FT.parse_losses(" token, cos ") == ("cos", "token")
     with pytest.raises(UserError, match="cannot be combined"):
         FT.parse_losses("none,cos")
@@ -352,7 +346,7 @@ def test_two_process_gloo_run_reduces_metrics_over_ranks(digits, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "oversmooth_cli", "finetune", TINY_ARCH, str(train), "--val-dir", str(val), "--out", str(out),
         "--epochs", "1", "-b", "8", "--device", "cpu", "--cons-sim", "dot", "--cutmix-prob", "1", "-q",
-        *tiny_cli_args(ARGS),
+        *MODEL_ARGS,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
@@ -374,7 +368,7 @@ def test_overwrite_keeps_the_previous_run_when_the_new_one_is_refused(digits, tm
     out.mkdir()
     (out / "history.csv").write_text("epoch\n1\n")
     train, val = digits
-    res = run("finetune", "vit_tiny_patch16_22", train, "--val-dir", val, "--out", out, "--overwrite")
+    res = invoke("finetune", "vit_tiny_patch16_22", train, "--val-dir", val, "--out", out, "--overwrite")
     assert "unknown timm model" in _one_line(res)
     assert (out / "history.csv").read_text() == "epoch\n1\n", "a refused run must not delete the previous outputs"
 
@@ -383,7 +377,7 @@ def test_unreadable_training_image_in_a_worker_is_one_line(digits, tmp_path):
     train = tmp_path / "train"
     shutil.copytree(digits[0], train)
     (train / "0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
-    res = run(
+    res = invoke(
         "finetune",
         TINY_ARCH,
         train,
@@ -395,7 +389,7 @@ def test_unreadable_training_image_in_a_worker_is_one_line(digits, tmp_path):
         "1",
         "--epochs",
         "1",
-        *tiny_cli_args(ARGS),
+        *MODEL_ARGS,
     )
     assert res.exit_code == 2, res.output
     error = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -9,9 +10,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 
 from oversmooth_cli import losses as L
+from oversmooth_cli.finetune_config import FinetuneConfig
 from oversmooth_cli.metrics import token_cosine
+
+from ._helpers import TINY_ARCH, TINY_ARGS_DEPTH2
 
 pytestmark = [pytest.mark.finetune, pytest.mark.metrics]
 
@@ -134,14 +139,13 @@ def test_l_token_matches_per_patch_cross_entropy_loop() -> None:
 def test_smoothed_targets_match_torch_label_smoothing() -> None:
     logits = _tokens(6, 4, seed=11)
     labels = torch.tensor([0, 3, 1, 2, 2, 0])
-    ours = L.soft_cross_entropy(logits, L.smooth_one_hot(labels, 4, 0.1, torch.float64)).mean()
+    ours = SoftTargetCrossEntropy()(logits, L.smooth_one_hot(labels, 4, 0.1, torch.float64))
     assert ours.item() == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item(), abs=1e-12)
 
 
 def _vit(**kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
-    args = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 5}
-    return timm.create_model("vit_tiny_patch16_224", **{**args, **kwargs}).eval()
+    return timm.create_model(TINY_ARCH, **{**TINY_ARGS_DEPTH2, "num_classes": 5, **kwargs}).eval()
 
 
 def test_token_head_is_the_models_own_head_on_the_class_token() -> None:
@@ -218,6 +222,47 @@ def test_patch_area_fractions_refuse_partial_patches() -> None:
         L.patch_area_fractions(L.CutMixBox(0, 1, 0, 1), 30, 32, (8, 8))
 
 
-def test_registry_names_and_default_weights() -> None:
-    assert {n: t.default_weight for n, t in L.LOSS_TERMS.items()} == {"cos": 0.5, "cons": 0.5, "token": 1.0}
-    assert [n for n, t in L.LOSS_TERMS.items() if t.needs_token_logits] == ["token"]
+# -- the loss module -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("cons_sim", "grad_first"), [("cos", False), ("dot", True)])
+def test_patch_diversification_loss_equals_the_term_functions_in_float64(cons_sim: str, grad_first: bool) -> None:
+    model = _vit().double()
+    x = _tokens(2, 3, 32, 32, seed=14)
+    patch_targets = torch.softmax(_tokens(2, 16, 5, seed=15), dim=-1)
+    weights = {"cos": 0.5, "cons": 0.25, "token": 2.0}
+    criterion = L.PatchDiversificationLoss(model, ("cos", "cons", "token"), weights, cons_sim, grad_first)
+    logits, total, terms = criterion(lambda: model(x), patch_targets)
+
+    store = {}
+    hooks = [
+        model.blocks[i].register_forward_hook(lambda _m, _a, out, i=i: store.__setitem__(i, out[:, 1:]))
+        for i in (0, -1)
+    ]
+    expected_logits = model(x)
+    for h in hooks:
+        h.remove()
+    e, h = store[0], store[-1]
+    expected = {
+        "cos": L.l_cos(h),
+        "cons": L.l_cons(e, h, cons_sim, grad_first),
+        "token": L.l_token(L.token_head_logits(model, h), patch_targets),
+    }
+    assert torch.equal(logits, expected_logits)
+    assert terms.keys() == expected.keys() and all(torch.equal(terms[k], v) for k, v in expected.items())
+    assert torch.equal(total, sum(weights[k] * v for k, v in expected.items()))
+    assert terms["cos"].dtype == torch.float64
+    assert not any(b._forward_hooks for b in model.blocks), "the token hooks live only inside the forward pass"
+    total.backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_patch_diversification_loss_without_terms_is_zero() -> None:
+    model = _vit()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(16))
+    logits, total, terms = L.PatchDiversificationLoss(model, ())(lambda: model(x))
+    assert logits.shape == (2, 5) and total.item() == 0.0 and terms == {}
+
+
+def test_finetune_options_offer_every_registered_term_and_similarity() -> None:
+    options = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+    assert options["cons_sim"].metadata["choices"] == tuple(L.SIMILARITIES)
+    assert tuple(FinetuneConfig().weights) == tuple(L.LOSS_TERMS)

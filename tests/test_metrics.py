@@ -2,55 +2,21 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
 
-from oversmooth_cli.metrics import (
-    Z_95,
-    OversmoothingAccumulator,
-    RunningMoments,
-    attention_row_std,
-    attention_std,
-    iter_attention_probs,
-    token_cosine,
-)
+from oversmooth_cli.accumulate import Z_95, OversmoothingAccumulator, RunningMoments
+from oversmooth_cli.attention import iter_attention_probs
+from oversmooth_cli.metrics import attention_row_std, attention_std, token_cosine
+
+from ._helpers import brute_attention_std, brute_token_cosine
 
 pytestmark = pytest.mark.metrics
 
 BATCH_SIZE = 4
 NUM_BATCHES = 5
-
-
-def brute_token_cosine(tokens: torch.Tensor) -> torch.Tensor:
-    """1/(n(n-1)) sum_{i != j} cos(h_i, h_j), one image at a time, float64, explicit double loop."""
-    out = []
-    for h in tokens.double():
-        n = h.shape[0]
-        total = 0.0
-        for i, j in itertools.product(range(n), range(n)):
-            if i != j:
-                denom = max(h[i].norm().item(), 1e-8) * max(h[j].norm().item(), 1e-8)
-                total += (h[i] @ h[j]).item() / denom
-        out.append(total / (n * (n - 1)))
-    return torch.tensor(out, dtype=torch.float64)
-
-
-def brute_attention_std(probs: torch.Tensor) -> torch.Tensor:
-    """Population std of each row, mean over rows: (B, H, Q, K) -> (B, H), float64 loops."""
-    p = probs.double()
-    B, H, Q, K = p.shape
-    out = torch.zeros(B, H, dtype=torch.float64)
-    for b, h in itertools.product(range(B), range(H)):
-        rows = []
-        for q in range(Q):
-            row = p[b, h, q]
-            mu = row.sum() / K
-            rows.append(math.sqrt(((row - mu) ** 2).sum().item() / K))
-        out[b, h] = sum(rows) / Q
-    return out
 
 
 @pytest.mark.parametrize("shape", [(3, 2, 5), (2, 7, 16), (1, 50, 3)])

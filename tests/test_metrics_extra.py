@@ -13,12 +13,11 @@ import math
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
+from oversmooth_cli.attention import iter_attention_probs
 from oversmooth_cli.capture import OversmoothingCapture
-from oversmooth_cli.cli import app
 from oversmooth_cli.errors import UserError
-from oversmooth_cli.measure import parse_metrics
+from oversmooth_cli.geometry import infer_grid, pairwise_distances, patch_positions
 from oversmooth_cli.metrics import (
     ALL_METRICS,
     ATTENTION_METRICS,
@@ -34,24 +33,30 @@ from oversmooth_cli.metrics import (
     cross_layer_attention_similarity,
     describe_metric,
     effective_rank,
-    infer_grid,
-    iter_attention_probs,
     linear_cka,
-    pairwise_distances,
-    patch_positions,
+    parse_metrics,
     rank_collapse,
     token_abs_cosine,
     token_cosine,
 )
-from oversmooth_cli.report import HEAD_COLUMNS, LAYER_COLUMNS, METRIC_LABELS
+from oversmooth_cli.report import HEAD_COLUMNS, LAYER_COLUMNS
 
-from .conftest import TINY_ARGS
-from .test_capture import MODELS, make, reference_attention, reference_states
-from .test_metrics import brute_attention_std, brute_token_cosine
+from ._helpers import (
+    IMG,
+    MODELS,
+    TINY_ARCH,
+    TINY_ARGS,
+    TINY_ARGS_DEPTH2,
+    brute_attention_std,
+    brute_token_cosine,
+    invoke,
+    make,
+    reference_attention,
+    reference_states,
+)
 
 pytestmark = pytest.mark.metrics
 
-IMG = 32
 STRIDE = 8  # patch_size of the tiny models: patch centres sit at 4, 12, 20, 28 px
 ALL = list(ALL_METRICS)
 
@@ -319,7 +324,7 @@ def test_new_token_metrics_compute_bf16_input_in_float32():
 def test_registry_entries_are_complete():
     assert list(ALL_METRICS) == [*TOKEN_METRICS, *ATTENTION_METRICS]
     for name, m in ALL_METRICS.items():
-        assert m.name == name and m.definition and m.source and name in METRIC_LABELS
+        assert m.name == name and m.definition and m.source and m.label
         assert (m.inputs == "consecutive" and m.kind == "attention") == (m.finish is not None)
         described = describe_metric(name)
         assert set(described) == {"definition", "source", "tokens", "prefix_included", "layers", "higher_is_smoother"}
@@ -431,7 +436,7 @@ def test_include_prefix_measures_every_token():
 
 
 def test_chunked_qk_equals_softmax_tap_for_every_metric():
-    model = make("vit_tiny_patch16_224", patch_size=4, depth=3, embed_dim=32, num_heads=2)
+    model = make(TINY_ARCH, patch_size=4, depth=3, embed_dim=32, num_heads=2)
     x = torch.randn(2, 3, IMG, IMG)
     _, qk_layers, qk_heads = capture_all(model, x, "qk", max_elements=2000)  # chunks of 7 query rows
     _, sm_layers, sm_heads = capture_all(model, x, "softmax")
@@ -442,7 +447,7 @@ def test_chunked_qk_equals_softmax_tap_for_every_metric():
 
 
 def test_stale_state_of_an_earlier_forward_is_not_used():
-    model = make("vit_tiny_patch16_224", patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    model = make(TINY_ARCH, **TINY_ARGS_DEPTH2)
     x1, x2 = torch.randn(2, 3, IMG, IMG), torch.randn(2, 3, IMG, IMG)
     with torch.no_grad(), OversmoothingCapture(model, ["layer_cka"], ["cross_layer_attention_similarity"]) as cap:
         model.forward_features(x1)
@@ -480,16 +485,10 @@ def test_iter_attention_probs_chunks_pair_up_across_layers():
 
 
 # -- the command line, end to end ------------------------------------------------------------------------------
-runner = CliRunner()
-
-
 @pytest.mark.cli
 def test_cli_metrics_all_per_head_writes_every_metric(tiny_folder, few_images, tmp_path):
     out = tmp_path / "all"
-    res = runner.invoke(
-        app,
-        ["measure", str(tiny_folder), str(few_images), "--out", str(out), "--metrics", "all", "--per-head", "-q"],
-    )
+    res = invoke("measure", tiny_folder, few_images, "--out", out, "--metrics", "all", "--per-head", "-q")
     assert res.exit_code == 0, res.output
     depth, n_heads = TINY_ARGS["depth"], TINY_ARGS["num_heads"]
     layers = pd.read_csv(out / "layers.csv")
@@ -525,9 +524,9 @@ def test_cli_values_equal_float64_reference_and_include_prefix(tiny_folder, few_
     from oversmooth_cli.models import load_model
 
     args = ["measure", str(tiny_folder), str(few_images), "--metrics", "rank_collapse,layer_cka,attention_entropy"]
-    res = runner.invoke(app, [*args, "--out", str(tmp_path / "p"), "-q"])
+    res = invoke(*args, "--out", tmp_path / "p", "-q")
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, [*args, "--out", str(tmp_path / "i"), "-q", "--include-prefix"])
+    res = invoke(*args, "--out", tmp_path / "i", "-q", "--include-prefix")
     assert res.exit_code == 0, res.output
     loaded = load_model(str(tiny_folder))
     ((x, _, _),) = list(build_loader(find_images(few_images), loaded.data_config, batch_size=16))
@@ -554,7 +553,7 @@ def test_cli_metric_without_class_token_is_recorded_as_unavailable(few_images, t
     model_args = ["--model-arg", "img_size=32", "--model-arg", "patch_size=8", "--model-arg", "depth=2"]
     out = str(tmp_path / "r")
     metrics = "default,cls_patch_cosine"
-    res = runner.invoke(app, ["measure", "test_vit2", str(few_images), "--out", out, "--metrics", metrics, *model_args])
+    res = invoke("measure", "test_vit2", few_images, "--out", out, "--metrics", metrics, *model_args)
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     entry = summary["metrics"]["cls_patch_cosine"]
@@ -564,9 +563,7 @@ def test_cli_metric_without_class_token_is_recorded_as_unavailable(few_images, t
 
 @pytest.mark.cli
 def test_cli_unknown_metric_is_bad_input(tiny_folder, few_images, tmp_path):
-    res = runner.invoke(
-        app, ["measure", str(tiny_folder), str(few_images), "--out", str(tmp_path / "x"), "--metrics", "entropy"]
-    )
+    res = invoke("measure", tiny_folder, few_images, "--out", tmp_path / "x", "--metrics", "entropy")
     assert res.exit_code == 2
     assert res.stderr.strip().startswith("Error: unknown metric(s) entropy; known: token_cosine")
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

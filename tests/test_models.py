@@ -11,7 +11,7 @@ import torch
 from oversmooth_cli.errors import UserError
 from oversmooth_cli.models import load_model, parse_model_args, unwrap_state_dict
 
-from .conftest import TINY_ARCH, TINY_ARGS
+from ._helpers import TINY_ARCH, TINY_ARGS
 
 pytestmark = pytest.mark.models
 
