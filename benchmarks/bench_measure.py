@@ -4,30 +4,37 @@ Rows (same model, same in-memory batches, same process; rows are interleaved wit
 hits them alike; each figure is the median over repeats):
 
 1. ``bare``: the model as timm builds it (fused attention on, no hooks), ``forward_features`` under inference mode.
-2. ``oversmooth``: :func:`oversmooth_cli.measure.measure_batches` on the same batches with the default
-   ``attention_tap="auto"`` (on CPU ``inline``: each attention computed once, unfused, in reused memory, and its
-   probabilities measured; O(n d) token cosine; one device-to-host copy per batch; float64 accumulators).
-   ``2q`` is the same with ``attention_tap="qk"`` (the model keeps its fused kernel, the statistics recompute
-   ``softmax(q k^T)`` in query chunks: the GPU default), ``2s`` with ``attention_tap="softmax"`` (the model's own
-   unfused path).
+2. ``oversmooth``: :func:`oversmooth_cli.measure.measure_batches` on the same batches with the default metrics and
+   ``attention_tap="auto"`` (on CPU ``inline``: each attention computed once, unfused, in cache-sized blocks of
+   reused memory, and its probabilities measured; O(n d) token cosine; one device-to-host copy per batch; float64
+   accumulators). ``2q`` is the same with ``attention_tap="qk"`` (the model keeps its fused kernel, the statistics
+   recompute ``softmax(q k^T)`` in blocks: the GPU default), ``2s`` with ``attention_tap="softmax"`` (the model's
+   own unfused path).
 3. ``naive``: a pass as a user would hand-write it: hooks keeping every block's tokens, an ``n x n`` cosine matrix
    per image and layer, unfused softmax attention kept for every layer, values moved to the host per layer.
-4. ``measure`` end to end on an image folder (:func:`oversmooth_cli.measure.measure`, decoding included) next to
-   decoding + transforming the same images alone (the same DataLoader, no model).
+4. End to end on an image folder (``--e2e-images`` images, the folder's images cycled): ``4p`` a plain loop as a user
+   would write it (PIL decode + timm's eval transform + the fused ``model(x)`` under inference mode, in batches of
+   ``--batch-size``, in this process), ``4b`` :func:`oversmooth_cli.measure.measure` (decoding included, the default
+   ``--workers`` unless given), ``4a`` decoding + transforming alone through measure's DataLoader (no model).
 
 Rows 1-3 run once per ``--img-size``. Then peak RSS of ``measure`` on N and on 10 x N images, each in a fresh child
 process with ``workers=0`` (decoding in that process too; ``resource.getrusage(...).ru_maxrss``).
 
-Rates are images per wall-clock second; ``cpu img/s`` divides by this process's CPU time instead (all its threads),
-which moves less when other programs share the machine.
+Rates are images per wall-clock second; ``cpu img/s`` divides by this process's CPU time instead (all its threads).
+Every ratio is printed with the range of its per-repeat ratios (repeat ``i`` of one row against repeat ``i`` of the
+other: they ran back to back). ``--runs K`` repeats the whole comparison in K fresh processes and prints the median
+and the range of every ratio over the runs: state figures from several runs, and from several invocations, since
+one process can be luckier than the next (memory layout, which core it starts on, what else runs).
 
-Run from the repository root::
+Run from the repository root, on a quiet machine (the load average is printed)::
 
+    python benchmarks/bench_measure.py --runs 3 --rows 1,2 --rss-images 0      # (2)/(1), 224 px, 3 processes
+    python benchmarks/bench_measure.py --runs 3 --rows 1,2 --img-size 384 --batch-size 8 --rss-images 0
+    python benchmarks/bench_measure.py --runs 3 --rows 4 --model vit_tiny_patch16_224 --e2e-images 640 --rss-images 0
     python benchmarks/bench_measure.py                       # 224 px, all rows, RSS on 32 and 320 images
-    python benchmarks/bench_measure.py --img-size 384 --batch-size 8 --rows 1,2,3 --rss-images 0
     # decode-bound row 4: a small model on one thread, large PNGs decoded by one worker process
-    python benchmarks/bench_measure.py --model vit_tiny_patch16_224 --threads 1 --rows 2,4 --e2e-upscale 2048 \
-        --rss-images 0
+    python benchmarks/bench_measure.py --model vit_tiny_patch16_224 --threads 1 --rows 4 --e2e-upscale 2048 \
+        --workers 1 --rss-images 0
     python benchmarks/bench_measure.py --repeats 2 --rows 1,2 --rss-images 0     # a quick look
 """
 
@@ -53,7 +60,7 @@ import torch.nn.functional as F
 
 from oversmooth_cli.accumulate import OversmoothingAccumulator
 from oversmooth_cli.capture import OversmoothingCapture
-from oversmooth_cli.data import build_loader, find_images
+from oversmooth_cli.data import build_loader, build_transform, find_images
 from oversmooth_cli.measure import measure, measure_batches
 from oversmooth_cli.models import LoadedModel, load_model
 
@@ -238,6 +245,19 @@ def forward_rows(args: argparse.Namespace, img_size: int, wanted: set[str]) -> l
     return [summarise(name, img_size, n_images, s) for name, s in interleaved(rows, args.repeats).items()]
 
 
+def plain_loop(model: torch.nn.Module, paths: list[Path], transform: Callable, batch_size: int) -> None:
+    """Row 4p: what a user would write: PIL decode + timm's eval transform + the fused ``model(x)``, in batches."""
+    from PIL import Image
+
+    with torch.inference_mode():
+        for start in range(0, len(paths), batch_size):
+            images = []
+            for path in paths[start : start + batch_size]:
+                with Image.open(path) as img:
+                    images.append(transform(img.convert("RGB")))
+            model(torch.stack(images))
+
+
 def e2e_rows(args: argparse.Namespace, tmp: Path) -> list[dict]:
     img_size = args.img_size[0]
     loaded = build(args.model, img_size)
@@ -245,20 +265,31 @@ def e2e_rows(args: argparse.Namespace, tmp: Path) -> list[dict]:
     listing = replicate(source, args.e2e_images, tmp)
     paths = find_images(listing)
     little = replicate(source, 2, tmp)
+    workers = {} if args.workers is None else {"workers": args.workers}
+    transform = build_transform(loaded.data_config)
 
     def end_to_end(source: Path) -> None:
-        measure(loaded, source, device="cpu", batch_size=args.batch_size, workers=args.workers, command="bench")
+        measure(loaded, source, device="cpu", batch_size=args.batch_size, command="bench", **workers)
 
     def decode(some: list[Path]) -> None:
-        decode_only(some, loaded.data_config, args.batch_size, args.workers)
+        decode_only(some, loaded.data_config, args.batch_size, args.workers or 0)
 
+    def plain(some: list[Path]) -> None:
+        plain_loop(loaded.model, some, transform, args.batch_size)
+
+    wanted = set(args.rows.split(","))
     rows: dict[str, Row] = {
-        "4a decode + transform alone": (functools.partial(decode, paths), functools.partial(decode, paths[:2])),
+        "4p plain loop (decode + model(x), in process)": (
+            functools.partial(plain, paths),
+            functools.partial(plain, paths[:2]),
+        ),
         "4b measure end to end (image folder)": (
             functools.partial(end_to_end, listing),
             functools.partial(end_to_end, little),
         ),
     }
+    if "4a" in wanted:
+        rows["4a decode + transform alone"] = (functools.partial(decode, paths), functools.partial(decode, paths[:2]))
     return [summarise(name, img_size, len(paths), s) for name, s in interleaved(rows, args.repeats).items()]
 
 
@@ -319,55 +350,76 @@ def rss_rows(args: argparse.Namespace) -> list[dict]:
 
 
 # -- report ----------------------------------------------------------------------------------------------------------
-def ratio_lines(rows: list[dict], args: argparse.Namespace) -> list[str]:
-    """The ratios the targets name, by wall-clock rate and by CPU-time rate."""
+RATIOS = (  # (numerator row, denominator row, target)
+    ("2", "1", ">= 0.95"),
+    ("2q", "1", ""),
+    ("2s", "1", ""),
+    ("2", "3", ""),
+    ("3", "1", ""),
+    ("4b", "4p", ">= 0.93"),
+    ("4b", "4a", ""),
+)
+"""The ratios of row rates the targets name, and the others worth reading."""
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Every ratio of :data:`RATIOS` whose rows ran: by wall-clock rate, by CPU-time rate, and per repeat (repeat
+    ``i`` of one row against repeat ``i`` of the other, which ran right after it)."""
     by = {(r["row"].split()[0], r["img_size"]): r for r in rows}
-
-    def ratio(a: str, b: str, size: int) -> str | None:
-        ra, rb = by.get((a, size)), by.get((b, size))
-        if not (ra and rb):
-            return None
-        return f"{ra['rate'] / rb['rate']:.3f} (cpu {ra['cpu_rate'] / rb['cpu_rate']:.3f})"
-
-    lines = []
-    for size in args.img_size:
-        for a, b, note in (
-            ("2", "1", "target >= 0.92"),
-            ("2q", "1", ""),
-            ("2s", "1", ""),
-            ("2", "3", ""),
-            ("3", "1", ""),
-        ):
-            value = ratio(a, b, size)
-            if value:
-                lines.append(f"({a})/({b}) at {size}: {value}" + (f"   [{note}]" if note else ""))
-    dec, e2e, fwd = by.get(("4a", args.img_size[0])), by.get(("4b", args.img_size[0])), by.get(("2", args.img_size[0]))
-    if dec and e2e:
-        line = f"(4b)/(4a): {e2e['rate'] / dec['rate']:.3f}"
-        if fwd:
-            bottleneck = "decoding" if dec["rate"] < fwd["rate"] else "the model"
-            line += (
-                f"; bottleneck: {bottleneck}; (4b)/min((4a), (2)) = {e2e['rate'] / min(dec['rate'], fwd['rate']):.3f}"
+    out = []
+    for size in sorted({r["img_size"] for r in rows}):
+        for a, b, target in RATIOS:
+            ra, rb = by.get((a, size)), by.get((b, size))
+            if not (ra and rb):
+                continue
+            scale = ra["images"] / rb["images"]
+            paired = [scale * wb / wa for wa, wb in zip(ra["wall_s"], rb["wall_s"], strict=False)]
+            out.append(
+                {
+                    "name": f"({a})/({b})",
+                    "img_size": size,
+                    "target": target,
+                    "value": ra["rate"] / rb["rate"],
+                    "cpu": ra["cpu_rate"] / rb["cpu_rate"],
+                    "repeats": paired,
+                }
             )
-        lines.append(line + "   [target >= 0.90 when decoding is the bottleneck]")
+    return out
+
+
+def ratio_lines(found: list[dict]) -> list[str]:
+    lines = []
+    for r in found:
+        line = (
+            f"{r['name']:<10} at {r['img_size']}: {r['value']:.3f}  (cpu {r['cpu']:.3f}; per repeat "
+            f"{min(r['repeats']):.3f}..{max(r['repeats']):.3f})"
+        )
+        lines.append(line + (f"   [target {r['target']}]" if r["target"] else ""))
     return lines
 
 
-def print_table(rows: list[dict], rss: list[dict], args: argparse.Namespace) -> None:
-    print(
-        f"{args.model} (random weights), batch {args.batch_size}, median of {args.repeats}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus ({cpu_name()}), workers {args.workers}, "
-        f"load average {os.getloadavg()[0]:.2f}"
+def header(args: argparse.Namespace) -> str:
+    return (
+        f"{args.model} (random weights), batch {args.batch_size}, median of {args.repeats} repeats, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus ({cpu_name()}), "
+        f"workers {'default' if args.workers is None else args.workers}"
     )
-    print(f"| {'row':<44} | {'img':>4} | {'images':>6} | {'img/s':>7} | {'cpu img/s':>9} | {'wall s min..max':>15} |")
-    print(f"|{'-' * 46}|{'-' * 5}:|{'-' * 7}:|{'-' * 8}:|{'-' * 10}:|{'-' * 16}:|")
+
+
+def print_table(rows: list[dict], rss: list[dict], args: argparse.Namespace, load: tuple[float, float]) -> None:
+    print(header(args) + f", load average {load[0]:.2f} before / {load[1]:.2f} after")
+    if rows:
+        print(
+            f"| {'row':<46} | {'img':>4} | {'images':>6} | {'img/s':>7} | {'cpu img/s':>9} | {'wall s min..max':>15} |"
+        )
+        print(f"|{'-' * 48}|{'-' * 5}:|{'-' * 7}:|{'-' * 8}:|{'-' * 10}:|{'-' * 16}:|")
     for r in rows:
         span = f"{min(r['wall_s']):.2f}..{max(r['wall_s']):.2f}"
         print(
-            f"| {r['row']:<44} | {r['img_size']:>4} | {r['images']:>6} | {r['rate']:>7.2f} | {r['cpu_rate']:>9.2f} "
+            f"| {r['row']:<46} | {r['img_size']:>4} | {r['images']:>6} | {r['rate']:>7.2f} | {r['cpu_rate']:>9.2f} "
             f"| {span:>15} |"
         )
-    for line in ratio_lines(rows, args):
+    for line in ratio_lines(ratios(rows)):
         print(line)
     if rss:
         small, big = rss
@@ -394,14 +446,51 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def many_runs(args: argparse.Namespace, argv: list[str]) -> None:
+    """``--runs K``: the whole comparison in K fresh processes, one after the other; the median and the range of
+    every ratio over them (peak RSS, if asked for, once at the end)."""
+    found: dict[tuple[str, int], list[dict]] = {}
+    loads = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.runs):
+            out = Path(tmp) / f"run-{i}.json"
+            cmd = [sys.executable, __file__, *argv, "--runs", "1", "--rss-images", "0", "--json", str(out)]
+            print(f"-- run {i + 1} of {args.runs} (fresh process)", flush=True)
+            res = subprocess.run(cmd, text=True)
+            if res.returncode != 0:
+                raise SystemExit(f"run {i + 1} failed ({res.returncode})")
+            data = json.loads(out.read_text())
+            loads.append(data["load"])
+            for r in data["ratios"]:
+                found.setdefault((r["name"], r["img_size"]), []).append(r)
+    rss = rss_rows(args) if args.rss_images > 0 else []
+    print(f"\n== {args.runs} runs: {header(args)}")
+    print(f"load average before each run: {', '.join(f'{a:.2f}' for a, _ in loads)}")
+    summary = []
+    for (name, size), rs in found.items():
+        values, cpus = [r["value"] for r in rs], [r["cpu"] for r in rs]
+        target = rs[0]["target"]
+        summary.append({"name": name, "img_size": size, "values": values, "cpu": cpus, "target": target})
+        print(
+            f"{name:<10} at {size}: median {statistics.median(values):.3f}, range {min(values):.3f}..{max(values):.3f}"
+            f"  (cpu median {statistics.median(cpus):.3f}, {min(cpus):.3f}..{max(cpus):.3f})"
+            + (f"   [target {target}]" if target else "")
+        )
+    if rss:
+        print_table([], rss, args, (loads[0][0], os.getloadavg()[0]))
+    if args.json:
+        args.json.write_text(json.dumps({"runs": summary, "rss": rss, "loads": loads}, indent=1))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="vit_small_patch16_224", help="timm model name (random weights)")
     p.add_argument("--img-size", type=int, nargs="+", default=[224], help="input sizes for rows 1-3")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--batches", type=int, default=1, help="in-memory batches per timed pass (rows 1-3)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per row (the median is reported)")
-    p.add_argument("--rows", default="1,2,2q,2s,3,4", help="comma-separated rows to run (1,2,2q,2s,3,4)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (the median is reported)")
+    p.add_argument("--runs", type=int, default=1, help="repeat everything in this many fresh processes")
+    p.add_argument("--rows", default="1,2,2q,2s,3,4", help="comma-separated rows to run (1,2,2q,2s,3,4,4a)")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="image folder for row 4 and the RSS runs")
     p.add_argument("--e2e-images", type=int, default=64, help="images in row 4 (the folder's images, cycled)")
     p.add_argument(
@@ -410,7 +499,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="PX",
         help="row 4 on PNG copies of the images upscaled to PX on the longer side (a decode-bound case)",
     )
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers for row 4 and the RSS runs")
+    p.add_argument(
+        "--workers", type=int, help="DataLoader workers for row 4 (default: measure's default) and the RSS runs (0)"
+    )
     p.add_argument("--rss-images", type=int, default=32, help="N for the peak RSS runs (N and 10 N); 0 skips them")
     p.add_argument("--rss-repeats", type=int, default=3, help="fresh processes per RSS figure (median)")
     p.add_argument(
@@ -430,23 +521,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.rss_child:
         rss_child(args)
         return
+    if args.runs > 1:
+        many_runs(args, argv)
+        return
+    load_before = os.getloadavg()[0]
     wanted = set(args.rows.split(","))
     rows: list[dict] = []
     for size in args.img_size:
         if wanted & {"1", "2", "2q", "2s", "3"}:
             rows += forward_rows(args, size, wanted)
     with tempfile.TemporaryDirectory() as tmp:
-        if "4" in wanted:
+        if wanted & {"4", "4a"}:
             rows += e2e_rows(args, Path(tmp))
     rss = rss_rows(args) if args.rss_images > 0 else []
-    print_table(rows, rss, args)
+    load = (load_before, os.getloadavg()[0])
+    print_table(rows, rss, args, load)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "rss": rss}, indent=1))
+        args.json.write_text(json.dumps({"rows": rows, "rss": rss, "ratios": ratios(rows), "load": load}, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .geometry import PositionRule
 from .taps import TAPS, AttentionTap, UnsupportedModelError
 
 __all__ = [
@@ -72,6 +73,10 @@ class Group:
         stage_wildcards: how many leading ``*`` of ``path`` name the stage (default: all but a trailing one).
         pick: picks the tokens from a tuple output / the positional inputs (default: the first tensor).
         kind: what these blocks are, for the tables (``self-attention``, ``class attention``...).
+        positions: where the attention's queries and keys sit, for position-based metrics
+            (:data:`~oversmooth_cli.geometry.PositionRule`): the windows a block attends in, or why its weights have
+            no positions; ``None``: queries and keys each cover the whole image (a full grid, or a pooled /
+            subsampled one).
     """
 
     path: str
@@ -89,6 +94,7 @@ class Group:
     stage_wildcards: int | None = None
     pick: TokenPicker | None = None
     kind: str = "self-attention"
+    positions: PositionRule | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,9 @@ class FamilyAdapter:
         modules: the modules the model classes live in (default: ``families``), e.g. ``byobnet`` for MobileViT.
         coverage: ``(token metrics, attention metrics)`` for ``oversmooth models`` when the groups alone would
             mislead (default: derived from the groups).
+        image_input: the module whose first input is the image, for the input size that token positions are
+            measured in: the first of these paths the model has (default: the first ``Conv2d`` taking the model's
+            input channels).
     """
 
     name: str
@@ -174,6 +183,7 @@ class FamilyAdapter:
     images_from: str | None = None
     modules: tuple[str, ...] = ()
     coverage: tuple[str, str] | None = None
+    image_input: tuple[str, ...] = ()
 
     def _prefix(self, model: nn.Module, rule: PrefixRule | None, name: str, default: int) -> int:
         if rule is None:
@@ -214,9 +224,11 @@ class FamilyAdapter:
                     (index, _stage_key(model, group, name), name, block, group, attention, prefix, query_prefix)
                 )
         if not found:
+            family = model_family(model)
+            known = f" (family {family}: {UNSUPPORTED[family]})" if family in UNSUPPORTED else ""
             raise UnsupportedModelError(
                 f"{type(model).__name__} has no blocks matching {', '.join(g.path for g in self.groups)} "
-                f"(adapter {self.name}): no attention blocks to measure"
+                f"(adapter {self.name}): no attention blocks to measure{known}"
             )
         found.sort(key=lambda f: f[0])
         stages: dict[Any, int] = {}
@@ -229,6 +241,13 @@ class FamilyAdapter:
     def image_modules(self, model: nn.Module) -> list[nn.Module]:
         """Modules whose first input has one row per image (see ``images_from``); empty: the first block's input."""
         return [m for _, _, m in _match(model, Group(self.images_from))] if self.images_from else []
+
+    def token_grid(self, value: Any, spec: BlockSpec) -> tuple[int, int] | None:
+        """``(rows, cols)`` of a block's 4-D output (or positional inputs) by its layout; ``None`` for 3-D tokens."""
+        x = spec.group.pick(value) if spec.group.pick is not None else _first_tensor(value)
+        if x.dim() != 4:
+            return None
+        return tuple(x.shape[1:3]) if spec.group.layout == "nhwc" else tuple(x.shape[2:4])
 
     def tokens(self, value: Any, spec: BlockSpec) -> torch.Tensor:
         """A block's output (or positional inputs) as ``(B, N, C)`` tokens, prefix tokens first."""

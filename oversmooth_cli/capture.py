@@ -22,9 +22,24 @@ import torch
 from torch import nn
 
 from .adapters import BlockSpec, FamilyAdapter, resolve_adapter
-from .attention import Scratch, copy_to_scratch, iter_attention_probs
-from .geometry import PatchGeometry, infer_grid, pairwise_distances, patch_geometry, patch_positions
-from .metrics import ATTENTION_METRICS, TOKEN_METRICS, MetricDef
+from .attention import (
+    CPU_BLOCK_ELEMENTS,
+    Scratch,
+    copy_to_scratch,
+    iter_attention_blocks,
+    reads_in_place,
+    scratch_slot,
+)
+from .geometry import (
+    AttentionPositions,
+    PatchGeometry,
+    TokenPositions,
+    infer_grid,
+    pairwise_distances,
+    patch_geometry,
+    patch_positions,
+)
+from .metrics import ATTENTION_METRICS, TOKEN_METRICS, MetricDef, attention_row_std, softmax_row_std
 from .taps import UnsupportedModelError, resolve_attention_tap
 
 __all__ = [
@@ -137,6 +152,25 @@ class _Pending:
     heads: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class _RowSums:
+    """Per-metric sums over the query rows of one run of batch rows ``batch = (b0, n)`` (see ``_reduce_rows``)."""
+
+    batch: tuple[int, int]
+    rows: int = 0
+    sums: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+
+    def add(self, name: str, part: tuple[torch.Tensor, ...]) -> None:
+        self.sums[name] = tuple(map(torch.add, self.sums[name], part)) if name in self.sums else part
+
+
+_SOFTMAX_ROW_FORMS: dict[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] = {
+    attention_row_std: softmax_row_std,
+}
+"""Row formulas with a cheaper form for rows known to be softmax output (the ``qk`` and ``inline`` taps compute
+them), equal up to float rounding (``tests/test_attention_blocks.py``); the form takes ``out=`` scratch memory."""
+
+
 def _float32(device: torch.device) -> torch.autocast:
     """Autocast off: attention statistics (and the ``inline`` attention) are computed in float32 under ``--amp``."""
     return torch.autocast(device_type=device.type, enabled=False)
@@ -201,7 +235,7 @@ class OversmoothingCapture:
 
     Metrics that compare consecutive layers keep only the previous layer's tokens (or ``q``/``k``) of the running
     forward pass; :meth:`pop_batch` drops them. A metric the model cannot give (``cls_patch_cosine`` without a class
-    token, ``attention_distance`` without a patch grid) has no values; :attr:`unavailable` says why.
+    token, ``attention_distance`` where the queries have no position) has no values; :attr:`unavailable` says why.
     """
 
     def __init__(
@@ -243,10 +277,18 @@ class OversmoothingCapture:
         ]
         self._n_tokens: dict[int, int] = {}
         self._reader = TokenReader(model, self.adapter, first)
+        self._places = (
+            AttentionPositions(model, self.adapter, lambda value, spec: self._reader.read(value, spec).shape[1])
+            if any("distances" in m.needs for m in self.attention_metrics.values())
+            else None
+        )
         self._handles: list = []
         self._undo: list[Callable[[], None]] = []
         self._pending = _Pending()
         self._scratch = Scratch()
+        self.block_elements = CPU_BLOCK_ELEMENTS
+        """Probability elements per attention block on CPUs (blocks that stay in cache); ``None``: blocks of every
+        batch row, as on other devices."""
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def _on_tokens(self, layer: int, tokens: torch.Tensor) -> None:
@@ -261,11 +303,12 @@ class OversmoothingCapture:
             if args is not None:
                 self._pending.layers[(name, layer)] = m.fn(*args, **{k: extras[k] for k in m.needs})
 
-    def _token_positions(self, n_tokens: int, device: torch.device) -> torch.Tensor | None:
-        """``(T, 2)`` pixel positions of the tokens (prefix rows ``NaN``) from the model's patch grid, cached.
+    def _token_positions(self, n_tokens: int, device: torch.device) -> TokenPositions | None:
+        """Pixel positions of the tokens (prefix rows ``NaN``) from the model's patch grid, queries and keys alike,
+        cached.
 
         ``None`` when the tokens are not the model's whole patch grid (e.g. attention windows, later stages), unless
-        the model takes dynamic image sizes; such attention must pass its ``positions`` to :meth:`_on_qk`.
+        the model takes dynamic image sizes; such attention gets its ``positions`` from :class:`AttentionPositions`.
         """
         g = self.geometry
         n_patches = n_tokens - self.prefix
@@ -273,58 +316,102 @@ class OversmoothingCapture:
             return None
         key = (n_tokens, self.prefix, g, str(device))
         if key not in self._positions:
-            self._positions[key] = patch_positions(infer_grid(n_patches, g.grid), g.stride, self.prefix, device)
+            p = patch_positions(infer_grid(n_patches, g.grid), g.stride, self.prefix, device)
+            self._positions[key] = TokenPositions(p, p)
         return self._positions[key]
 
-    def _row_extras(self, m: MetricDef, positions: torch.Tensor | None, start: int, probs: torch.Tensor) -> dict:
-        """Keyword inputs of a row metric for the query chunk starting at token ``start``; ``{}`` if unavailable."""
+    def _row_extras(
+        self,
+        m: MetricDef,
+        positions: TokenPositions | None,
+        start: int,
+        probs: torch.Tensor,
+        batch: tuple[int, int] | None = None,
+    ) -> dict:
+        """Keyword inputs of a row metric for the query chunk starting at token ``start`` (of the batch rows
+        ``batch = (b0, n)``, when a block holds only some); ``{}`` if unavailable."""
         if "distances" not in m.needs:
             return {}
-        if positions is None or positions.shape[-2] != probs.shape[-1]:
+        if positions is not None and positions.missing:
+            self.unavailable.setdefault(m.name, positions.missing)
+            return {}
+        if positions is None or positions.keys.shape[-2] != probs.shape[-1]:
             self.unavailable.setdefault(m.name, "no patch positions for the attention keys of at least one layer")
             return {}
-        d = pairwise_distances(positions[..., start : start + probs.shape[-2], :], positions)
+        queries, keys = positions.queries[..., start : start + probs.shape[-2], :], positions.keys
+        if batch is not None:  # per-batch-row positions (B, T, 2): the block's rows
+            queries, keys = (
+                p[batch[0] : sum(batch)] if p.dim() == 3 and p.shape[0] > 1 else p for p in (queries, keys)
+            )
+        d = pairwise_distances(queries, keys)
         return {"distances": d.unsqueeze(-3) if d.dim() == 3 else d}
 
     def _reduce_rows(
         self,
         layer: int,
-        chunks: Iterable[torch.Tensor],
-        prev_chunks: Iterable[torch.Tensor] | None = None,
-        positions: torch.Tensor | None = None,
+        chunks: Iterable[torch.Tensor | tuple[int, torch.Tensor]],
+        prev_chunks: Iterable[torch.Tensor | tuple[int, torch.Tensor]] | None = None,
+        positions: TokenPositions | None = None,
         query_start: int | None = None,
+        softmax_rows: bool = False,
     ) -> None:
         """Average per-row metrics over the query chunks of one layer, per head; add consecutive-layer sums.
 
         Args:
             layer: layer index.
-            chunks: ``(B, H, c, S)`` probability rows of consecutive query chunks.
+            chunks: probability rows of consecutive query chunks: ``(B, H, c, S)`` tensors, or ``(b0, probs)`` blocks
+                of batch rows ``b0:b0 + len(probs)`` (:func:`~oversmooth_cli.attention.iter_attention_blocks`), each
+                run of batch rows with its query chunks consecutive and in order.
             prev_chunks: the same chunks of layer ``layer - 1`` (for ``consecutive`` metrics), or ``None``.
-            positions: ``(S, 2)`` or ``(B, S, 2)`` token positions in input pixels (``NaN``: no position).
+            positions: query ``(T, 2)`` / ``(B, T, 2)`` and key ``(S, 2)`` / ``(B, S, 2)`` positions in input pixels
+                (``NaN``: no position).
             query_start: token index of the first row of the first chunk (default: the prefix length).
+            softmax_rows: the rows are softmax output (each sums to 1): :data:`_SOFTMAX_ROW_FORMS` may stand in for
+                a metric's general formula.
         """
         start = self.prefix if query_start is None else query_start
         row_metrics = {n: m for n, m in self.attention_metrics.items() if m.inputs == "rows"}
         pair_metrics = {n: m for n, m in self.attention_metrics.items() if m.inputs == "consecutive"}
-        sums: dict[str, torch.Tensor] = {}
-        pair_sums: dict[str, tuple[torch.Tensor, ...]] = {}
-        rows = 0
+        runs: list[_RowSums] = []  # one per run of batch rows, in batch order
         pairs = prev_chunks if prev_chunks is not None else itertools.repeat(None)
-        for probs, prev in zip(chunks, pairs, strict=False):  # pairs may be an endless repeat(None)
+        for chunk, prev in zip(chunks, pairs, strict=False):  # pairs may be an endless repeat(None)
+            b0, probs = chunk if isinstance(chunk, tuple) else (0, chunk)
+            prev = prev[1] if isinstance(prev, tuple) else prev
+            if not runs or runs[-1].batch != (b0, probs.shape[0]):
+                runs.append(_RowSums((b0, probs.shape[0])))
+            run = runs[-1]
             for name, m in row_metrics.items():
-                extras = self._row_extras(m, positions, start + rows, probs)
+                extras = self._row_extras(m, positions, start + run.rows, probs, run.batch)
                 if all(k in extras for k in m.needs):
-                    part = m.fn(probs, **extras).sum(dim=-1)  # (B, H)
-                    sums[name] = sums[name] + part if name in sums else part
+                    run.add(name, (self._row_metric(m, softmax_rows)(probs, **extras).sum(dim=-1),))  # (b, H)
             for name, m in pair_metrics.items() if prev is not None else ():
-                part = m.fn(prev, probs)
-                pair_sums[name] = tuple(map(torch.add, pair_sums[name], part)) if name in pair_sums else part
-            rows += probs.shape[-2]
-        per_head = {name: total / rows for name, total in sums.items()}
-        per_head.update({name: self.attention_metrics[name].finish(*total) for name, total in pair_sums.items()})
+                run.add(name, m.fn(prev, probs))
+            run.rows += probs.shape[-2]
+        if not runs:
+            return
+        names = [n for n in runs[0].sums if all(n in r.sums for r in runs)]
+        totals = {n: [torch.cat(parts) for parts in zip(*(r.sums[n] for r in runs), strict=True)] for n in names}
+        per_head = {n: total[0] / runs[0].rows for n, total in totals.items() if n in row_metrics}
+        per_head.update(
+            {n: self.attention_metrics[n].finish(*total) for n, total in totals.items() if n in pair_metrics}
+        )
         for name, values in per_head.items():
             self._pending.heads[(name, layer)] = values
             self._pending.layers[(name, layer)] = values.mean(dim=-1)
+
+    def _row_metric(self, m: MetricDef, softmax_rows: bool) -> Callable[..., torch.Tensor]:
+        """``m``'s row formula; for softmax rows its :data:`_SOFTMAX_ROW_FORMS` stand-in, given scratch memory."""
+        form = _SOFTMAX_ROW_FORMS.get(m.fn) if softmax_rows else None
+        if form is None:
+            return m.fn
+
+        def with_scratch(probs: torch.Tensor, **extras: Any) -> torch.Tensor:
+            memory = self._scratch.get(
+                "centred", probs.numel(), probs.device, torch.promote_types(probs.dtype, torch.float32)
+            )
+            return form(probs, out=memory.view(probs.shape), **extras)
+
+        return with_scratch
 
     def _previous(self, layer: int, kind: str, shape: torch.Size) -> tuple | None:
         """The kept attention inputs of ``layer - 1`` when they have the same shape as this layer's, else ``None``."""
@@ -340,22 +427,28 @@ class OversmoothingCapture:
         k: torch.Tensor,
         scale: float,
         bias: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
+        positions: TokenPositions | None = None,
         v: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Attention metrics from ``q``, ``k`` ``(B, H, T, dh)`` in query chunks (probabilities never held whole).
+        """Attention metrics from ``q``, ``k`` ``(B, H, T, dh)`` in blocks (probabilities never held whole).
+
+        On CPUs the blocks are small enough to stay in cache (:data:`~oversmooth_cli.attention.CPU_BLOCK_ELEMENTS`:
+        a few images, or a few query rows of one image) while they are normalised, measured and, with ``v``, applied
+        to the values; elsewhere a block holds every batch row and as many query rows as ``max_elements`` allows.
 
         With ``v`` (the ``inline`` tap) the attention output ``softmax(q k^T * scale + bias) v`` is computed on the
-        way and returned: every query chunk (prefix rows included) is computed in the scratch memory and applied to
-        ``v`` into one output, float32 or wider (the tap casts it to the dtype SDPA would have returned).
+        way and returned: every block (prefix rows included) is computed in the scratch memory and applied to
+        ``v`` into one output, float32 or wider (the tap casts it to the dtype SDPA would have returned), laid out
+        token-major like the output of SDPA's fused CPU kernel (``(B, T, H, dv)`` in memory, so the model's
+        ``transpose(1, 2).reshape(B, T, C)`` is free).
 
         Args:
             layer: layer index.
             q, k: queries and keys as the model uses them.
             scale: logit scale.
             bias: additive logit bias broadcastable to ``(B, H, T, T)`` (relative position bias), if any.
-            positions: ``(T, 2)`` or ``(B, T, 2)`` token positions in input pixels, ``NaN`` for tokens without one
-                (e.g. windows of a windowed model); default: the model's patch grid, prefix tokens ``NaN``.
+            positions: query and key positions in input pixels, ``NaN`` for tokens without one (prefix tokens);
+                default: the model's patch grid.
             v: ``(B, H, S, dv)`` values, to compute the output too.
         """
         with torch.no_grad(), _float32(q.device):
@@ -364,36 +457,47 @@ class OversmoothingCapture:
             if positions is None:
                 positions = self._token_positions(q.shape[-2], q.device)
             first = self.prefix if v is None else 0  # the output needs the prefix rows too
-            out = values = scratch = None
+            block_elements = self.block_elements if q.device.type == "cpu" else None
+            out = scratch = None
+            direct = False  # the values are read where they lie (see reads_in_place)
             if v is not None:
                 dtype = torch.promote_types(q.dtype, torch.float32)
-                out = torch.empty(*q.shape[:-1], v.shape[-1], device=q.device, dtype=dtype)
+                B, H, T, dv = *q.shape[:-1], v.shape[-1]
+                out = torch.empty(B, T, H, dv, device=q.device, dtype=dtype).transpose(1, 2)
                 scratch = self._scratch.bind(q.device, dtype)
-                values = copy_to_scratch(scratch, "v", v)
+                direct = reads_in_place(v, scratch=scratch)
+                v = v if direct else copy_to_scratch(scratch, "v", v)
 
-            def measured(q_, k_, s_, b_, apply_to=None, scratch_=None) -> Iterator[torch.Tensor]:
-                """Probability chunks from query ``first`` (both layers of a pair chunk alike), past the prefix rows;
-                each chunk is first applied to ``apply_to`` (the values), into ``out``, when given."""
-                start = first
-                for probs in iter_attention_probs(q_, k_, s_, first, b_, self.max_elements, scratch_):
-                    if apply_to is not None:
-                        torch.matmul(probs, apply_to, out=out[:, :, start : start + probs.shape[-2]])
-                    if start + probs.shape[-2] > self.prefix:
-                        yield probs[:, :, max(0, self.prefix - start) :]
-                    start += probs.shape[-2]
+            def measured(q_, k_, s_, b_, values=None, scratch_=None) -> Iterator[tuple[int, torch.Tensor]]:
+                """``(b0, probs)`` blocks from query ``first`` (both layers of a pair alike), past the prefix rows;
+                each block is first applied to ``values``, into ``out``, when given."""
+                blocks = iter_attention_blocks(q_, k_, s_, first, b_, self.max_elements, scratch_, block_elements)
+                for b0, b1, start, probs in blocks:
+                    stop = start + probs.shape[-2]
+                    if values is not None:
+                        vb = values[b0:b1]
+                        o = scratch_slot(scratch_, "out", (*probs.shape[:-1], vb.shape[-1]))
+                        if direct:  # one batch row at a time, straight from the model's (strided) values
+                            for i in range(b1 - b0):
+                                torch.bmm(probs[i], vb[i], out=o[i])
+                        else:
+                            torch.matmul(probs, vb, out=o)
+                        out[b0:b1, :, start:stop].copy_(o)
+                    if stop > self.prefix:
+                        yield b0, probs[:, :, max(0, self.prefix - start) :]
 
             prev = self._previous(layer, "qk", q.shape) if self._keep_attention else None
             prev_chunks = None
             if prev is not None and prev[3].shape == k.shape:
                 prev_chunks = measured(prev[2], prev[3], prev[4], prev[5])
             self._prev_attention = (layer, "qk", q, k, scale, bias) if self._keep_attention else None
-            current = measured(q, k, scale, bias, values, scratch)
-            self._reduce_rows(layer, current, prev_chunks, positions)
-            for _ in current:  # with values, every query chunk feeds the output, measured or not
+            current = measured(q, k, scale, bias, v, scratch)
+            self._reduce_rows(layer, current, prev_chunks, positions, softmax_rows=True)
+            for _ in current:  # with values, every block feeds the output, measured or not
                 pass
             return out
 
-    def _on_probs(self, layer: int, probs: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+    def _on_probs(self, layer: int, probs: torch.Tensor, positions: TokenPositions | None = None) -> None:
         """Attention metrics from softmax probabilities ``(B, H, T, S)`` read from an unfused model."""
         with torch.no_grad(), _float32(probs.device):
             rows = probs.detach().float()[:, :, self.prefix :]
@@ -438,6 +542,11 @@ class OversmoothingCapture:
         with self._layer_scope(spec.prefix, self._model_geometry):
             self._on_tokens(layer, tokens)
 
+    def _needs(self, metric: str) -> tuple[str, ...]:
+        """What an attention metric needs from the capture (``()`` for token metrics)."""
+        m = self.attention_metrics.get(metric)
+        return m.needs if m is not None else ()
+
     def _attention_hook(self, layer: int, spec: BlockSpec, keys: int, on: Callable, x: torch.Tensor, *args: Any) -> Any:
         """Call ``on(layer, x, *args)`` (:meth:`_on_qk` or :meth:`_on_probs`) for
         ``(B * windows, H, T, .)`` input and return what it returns (``None`` when there is nothing to measure);
@@ -455,9 +564,16 @@ class OversmoothingCapture:
                 f"{spec.name} attends in {x.shape[0]} batch rows for {images} images; adapter "
                 f"{self.adapter.name} cannot tell its windows apart"
             )
-        on_grid = self.adapter.patch_grid and windows == 1
+        on_grid = self.adapter.patch_grid and windows == 1 and self._model_geometry is not None
+        placed = {}
+        if self._places is not None and (not on_grid or spec.group.positions is not None):
+            placed["positions"] = self._places(spec, x.shape[0], windows, x.shape[-2], keys, x.device)
         with self._layer_scope(spec.query_prefix, self._model_geometry if on_grid else None):
-            result = on(layer, x, *args)
+            result = on(layer, x, *args, **placed)
+        if placed and placed["positions"].row_scale != 1.0:  # rows of padding tokens gave 0: mean over placed rows
+            for store in (self._pending.layers, self._pending.heads):
+                for key in [k for k in store if k[1] == layer and "distances" in self._needs(k[0])]:
+                    store[key] = store[key] * placed["positions"].row_scale
         if windows > 1:
             for store in (self._pending.layers, self._pending.heads):
                 for key in [k for k in store if k[1] == layer and k[0] in self.attention_metrics]:
@@ -468,6 +584,8 @@ class OversmoothingCapture:
         self._model_geometry = self.geometry
         try:
             self._handles.extend(self._reader.install())
+            if self._places is not None:
+                self._handles.extend(self._places.install(self._specs))
             first = self._specs[0]
             self._handles.append(
                 first.module.register_forward_pre_hook(lambda _m, args: self._tokens_hook(0, first, args))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import difflib
 import functools
 import inspect
 import os
@@ -17,18 +18,23 @@ import sys
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, get_type_hints
+from typing import Annotated, Any, NoReturn, TypeVar, get_origin, get_type_hints
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, EXIT_INTERNAL, UserError
 from .finetune_config import FinetuneConfig
+
+try:  # typer >= 0.26 runs on its own copy of click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as _click_errors
 
 __all__ = ["app", "main"]
 
@@ -36,13 +42,104 @@ _ARGV: list[str] = []
 """The arguments of the running invocation, after the program name (see :func:`command_line`)."""
 
 
+def _plain(text: str | None) -> str | None:
+    """Help text without Markdown emphasis (``**bold**``, ```code```): plain words at any terminal width."""
+    return re.sub(r"\*\*(.+?)\*\*|`([^`]+)`", lambda m: m.group(1) or m.group(2), text) if text else text
+
+
+_NoArgsIsHelp = getattr(_click_errors, "NoArgsIsHelpError", ())
+"""``oversmooth`` alone prints the help (an exit-2 usage error to click 8.2+); left as it is."""
+
+
+def _usage_error(e: Any) -> NoReturn:
+    """A usage error (unknown option, bad value, missing argument, bad choice) as one line, then exit 2.
+
+    Click's suggestions for an unknown option are kept only when they are close (``--bogus`` is not ``--out``).
+    """
+    if isinstance(e, _click_errors.NoSuchOption):
+        name = e.option_name.lstrip("-")
+        close = [p for p in e.possibilities or [] if difflib.SequenceMatcher(None, name, p.lstrip("-")).ratio() >= 0.75]
+        message = f"No such option: {e.option_name}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+    else:
+        message = e.format_message().replace("Value error, ", "")
+    if e.ctx is not None:
+        where = e.ctx.command_path
+    else:  # an error found before the command's context exists: name the command typed
+        where = " ".join(["oversmooth", *[a for a in _ARGV if a in app_commands()][:1]])
+    _error_line(f"{one_line(message).rstrip('.')}. Try '{where} --help'.")
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def app_commands() -> list[str]:
+    """The names of the registered commands."""
+    return [c.name for c in app.registered_commands]
+
+
+class _Command(TyperCommand):
+    """A command whose help reads well in 80 columns: click's two-column layout, arguments by their upper-case names
+    (``MODEL IMAGES``), flags without a value type, Markdown emphasis dropped."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _plain(self.help)
+        for param in self.params:
+            if param.param_type_name == "argument" and param.metavar is None:
+                param.metavar = param.name.upper()
+            if hasattr(param, "help"):
+                param.help = _plain(param.help)
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        arguments, options = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append((param.metavar, record[1]))
+            else:  # a flag with only a negative form, e.g. " / --no-strict"
+                options.append((record[0].removeprefix(" / "), record[1]))
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
 class _RecordingGroup(TyperGroup):
     """The command group, remembering the arguments it was invoked with: ``sys.argv[1:]`` from a shell (also under
-    ``python -m`` or ``torchrun``), the list given to ``CliRunner.invoke`` in tests."""
+    ``python -m`` or ``torchrun``), the list given to ``CliRunner.invoke`` in tests. Usage errors of the group and of
+    every command are one line and exit 2 (:func:`_usage_error`)."""
 
     def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
         _ARGV[:] = sys.argv[1:] if args is None else [str(a) for a in args]
         return super().main(args, *rest, **kwargs)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except _NoArgsIsHelp:
+            raise
+        except _click_errors.UsageError as e:
+            _usage_error(e)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _NoArgsIsHelp:
+            raise
+        except _click_errors.UsageError as e:
+            _usage_error(e)
+
+    def format_help_text(self, ctx: Any, formatter: Any) -> None:
+        self.help = _plain(self.help)
+        super().format_help_text(ctx, formatter)
 
 
 app = typer.Typer(
@@ -53,7 +150,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
-    rich_markup_mode="markdown",
+    rich_markup_mode=None,  # click's two-column help: readable at 80 columns (rich's option tables are not)
 )
 out_console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -106,7 +203,7 @@ def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
     """``app.command`` with the shared error handling."""
 
     def register(fn: F) -> F:
-        app.command(*args, **kwargs)(handle_errors(fn))
+        app.command(*args, cls=_Command, **kwargs)(handle_errors(fn))
         return fn
 
     return register
@@ -149,18 +246,29 @@ ModelArg = Annotated[
 ]
 ArchOpt = Annotated[
     str | None,
-    typer.Option("--arch", help="timm architecture of a checkpoint (default: from config.json or the checkpoint)."),
+    typer.Option(
+        "--arch",
+        metavar="ARCH",
+        help="timm architecture of a checkpoint (default: from config.json or the checkpoint).",
+    ),
 ]
 ModelArgOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--model-arg",
         metavar="KEY=VALUE",
-        help="Extra timm create_model argument, repeatable (e.g. --model-arg img_size=64).",
+        help="Extra timm create_model argument, repeatable. VALUE is a Python literal (number, tuple, list, "
+        "True/False, None, quoted string), JSON, or else text: --model-arg img_size=64 --model-arg 'depths=(2,2)' "
+        "--model-arg act_layer=gelu.",
     ),
 ]
 PretrainedOpt = Annotated[
-    bool, typer.Option("--pretrained", help="Load timm's pretrained weights for a model name (needs the hub).")
+    bool,
+    typer.Option(
+        "--pretrained",
+        help="Load timm's pretrained weights for a model name: from the Hugging Face cache, else downloaded; "
+        "without a reachable hub and nothing cached, it fails at once (exit 2).",
+    ),
 ]
 StrictLoadOpt = Annotated[
     bool,
@@ -190,8 +298,32 @@ class Direction(str, Enum):
     down = "down"
 
 
-AtolOpt = Annotated[float, typer.Option("--atol", min=0.0, help="Absolute tolerance on current - baseline.")]
-RtolOpt = Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance, times |baseline|.")]
+AtolOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--atol",
+        metavar="[METRIC=]VALUE",
+        help="Absolute tolerance on current - baseline, repeatable: VALUE for every metric, METRIC=VALUE for one "
+        "(wins over VALUE).",
+        show_default="each metric's own",
+    ),
+]
+RtolOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--rtol",
+        metavar="[METRIC=]VALUE",
+        help="Relative tolerance, times |baseline|, repeatable like --atol.",
+        show_default="each metric's own",
+    ),
+]
+AllowOtherImagesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-other-images",
+        help="Compare runs measured on different image sets (refused otherwise: the curves depend on the images).",
+    ),
+]
 SigmaOpt = Annotated[
     float,
     typer.Option(
@@ -236,6 +368,97 @@ BaselineOpt = Annotated[
         "regression. Writes check.md, junit.xml and check.png into --out unless --report/--junit/--plot say where.",
     ),
 ]
+
+
+def _field_option(f: dataclasses.Field, kind: Any) -> inspect.Parameter:
+    """One Typer option for a dataclass field: flags, help, choices and default from the field and its metadata."""
+    if get_origin(kind) is Annotated:  # a field declared with its Typer option (GateOptions)
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=kind)
+    meta = f.metadata
+    default = f.default
+    if "parse" in meta:  # given as text on the command line, e.g. --loss cos,cons
+        kind, default = str, ",".join(default)
+    if "choices" in meta:
+        kind = Enum(f.name, {c: c for c in meta["choices"]}, type=str)
+        default = kind(default)
+    flags = meta.get("flags", (f"--{f.name.replace('_', '-')}",))
+    option = typer.Option(*flags, help=meta["help"], show_default=meta.get("show_default", True))
+    annotation = Annotated[kind, option]
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _from_option(f: dataclasses.Field, value: Any) -> Any:
+    if "parse" in f.metadata:
+        return f.metadata["parse"](value)
+    return value.value if isinstance(value, Enum) else value
+
+
+def config_options(config_cls: type, into: str) -> Callable[[F], F]:
+    """Replace the command's parameter ``into`` by one option per field of the dataclass ``config_cls`` (its defaults,
+    help and checks live there, once); the command is called with ``into=config_cls(**the options' values)``."""
+    fields = dataclasses.fields(config_cls)
+    hints = get_type_hints(config_cls, include_extras=True)
+    options = [_field_option(f, hints[f.name]) for f in fields]
+
+    def decorate(fn: F) -> F:
+        params = list(inspect.signature(fn, eval_str=True).parameters.values())
+        at = [p.name for p in params].index(into)
+
+        @functools.wraps(fn)
+        def with_config(**kwargs: Any) -> Any:
+            values = {f.name: _from_option(f, kwargs.pop(f.name)) for f in fields}
+            return fn(**kwargs, **{into: config_cls(**values)})
+
+        with_config.__signature__ = inspect.Signature([*params[:at], *options, *params[at + 1 :]])  # type: ignore[attr-defined]
+        return with_config  # type: ignore[return-value]
+
+    return decorate
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How a MODEL argument is built, declared once for every command that loads a model."""
+
+    arch: ArchOpt = None
+    model_arg: ModelArgOpt = None
+    pretrained: PretrainedOpt = False
+    strict_load: StrictLoadOpt = True
+    trust_checkpoint: TrustOpt = False
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~oversmooth_cli.measure.measure` and ``finetune`` these options give."""
+        from .models import parse_model_args
+
+        return {
+            "arch": self.arch,
+            "pretrained": self.pretrained,
+            "model_args": parse_model_args(self.model_arg),
+            "strict_load": self.strict_load,
+            "trust_checkpoint": self.trust_checkpoint,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class GateOptions:
+    """The options of a check against a baseline, declared once for `check` and `measure --baseline`."""
+
+    atol: AtolOpt = None
+    rtol: RtolOpt = None
+    sigma: SigmaOpt = 0.0
+    direction: DirectionOpt = Direction.both
+    layers: LayersOpt = None
+    allow_other_images: AllowOtherImagesOpt = False
+    report: ReportOpt = None
+    junit: JunitOpt = None
+    plot: PlotOpt = None
+
+    def gate(self, baseline: Path, metrics: list[str] | None = None) -> Any:
+        """The :class:`~oversmooth_cli.check.CheckGate` these options describe (baseline loaded, layers parsed)."""
+        from .check import CheckGate, tolerance_from_options
+
+        direction = Direction(self.direction).value
+        tolerance = tolerance_from_options(self.atol, self.rtol, self.sigma, direction)
+        return CheckGate.prepare(baseline, tolerance, metrics, self.layers, self.allow_other_images)
 
 
 def _is_main() -> bool:
@@ -335,6 +558,8 @@ def layer_tables(layers, title: str, max_ci_columns: int = 2, width: int | None 
 
 
 @command("measure")
+@config_options(ModelOptions, into="loading")
+@config_options(GateOptions, into="check")
 def measure_cmd(
     model: ModelArg,
     images: Annotated[
@@ -346,11 +571,6 @@ def measure_cmd(
         typer.Option("--out", "-o", help="Output folder.", show_default="oversmooth-runs/<model>-<timestamp>"),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder.")] = False,
-    arch: ArchOpt = None,
-    model_arg: ModelArgOpt = None,
-    pretrained: PretrainedOpt = False,
-    strict_load: StrictLoadOpt = True,
-    trust_checkpoint: TrustOpt = False,
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = 0,
@@ -405,14 +625,9 @@ def measure_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout and nothing else.")] = False,
     quiet: QuietOpt = False,
     baseline: BaselineOpt = None,
-    atol: AtolOpt = 0.02,
-    rtol: RtolOpt = 0.0,
-    sigma: SigmaOpt = 0.0,
-    direction: DirectionOpt = Direction.both,
-    layers: LayersOpt = None,
-    report: ReportOpt = None,
-    junit: JunitOpt = None,
-    plot: PlotOpt = None,
+    *,
+    loading: ModelOptions,
+    check: GateOptions,
 ) -> None:
     """Measure layer-wise over-smoothing of a timm ViT on images.
 
@@ -426,21 +641,16 @@ def measure_cmd(
     Example: `oversmooth measure examples/digits-vit examples/images --out runs/digits`
     """
     from .measure import measure, write_run
-    from .models import parse_model_args
     from .report import check_out_dir
 
     out = out or default_out(model)
     check_out_dir(out, overwrite)
-    gate = check_gate(baseline, atol, rtol, sigma, direction, None, layers) if baseline else None
+    gate = check.gate(baseline) if baseline else None
     with make_progress(quiet or json_out) as progress:
         result = measure(
             model,
             images,
-            arch=arch,
-            pretrained=pretrained,
-            model_args=parse_model_args(model_arg),
-            strict_load=strict_load,
-            trust_checkpoint=trust_checkpoint,
+            **loading.load_kwargs(),
             device=device,
             batch_size=batch_size,
             workers=workers,
@@ -463,7 +673,12 @@ def measure_cmd(
     if gate is None:
         finish_measure(result, out, json_out, quiet)
         return
-    verdict, written = gate.run(out, report or out / "check.md", junit or out / "junit.xml", plot or out / "check.png")
+    report, junit, plot = (
+        check.report or out / "check.md",
+        check.junit or out / "junit.xml",
+        check.plot or out / "check.png",
+    )
+    verdict, written = gate.run(out, report, junit, plot)
     result.summary["check"] = verdict.to_dict()
     finish_measure(result, out, json_out, quiet)
     finish_check(verdict, written, quiet or json_out)
@@ -486,53 +701,49 @@ def finish_measure(result: Any, out: Path, json_out: bool, quiet: bool) -> None:
     for table in layer_tables(result.layers, title):
         out_console.print(table)
     if s["images"]["skipped"]:
+        first = s["images"]["skipped_files"][0]
         err_console.print(
-            f"[yellow]Skipped {s['images']['skipped']} unreadable file(s)[/]; see summary.json", highlight=False
+            f"[yellow]Skipped {s['images']['skipped']} unreadable file(s)[/] (first: {escape(first['path'])}: "
+            f"{escape(one_line(first['reason']))}); all are listed in summary.json",
+            highlight=False,
         )
     out_console.print(f"Wrote {escape(str(out))}/ (layers.csv, heads.csv, summary.json, curves.png)", highlight=False)
 
 
 # -- check, compare, baseline ----------------------------------------------------------------------------------------
-def check_gate(
-    baseline: Path,
-    atol: float,
-    rtol: float,
-    sigma: float,
-    direction: Direction,
-    metrics: list[str] | None,
-    layers: str | None,
-) -> Any:
-    """The :class:`~oversmooth_cli.check.CheckGate` the check options describe (baseline loaded, layers parsed)."""
-    from .check import CheckGate, Tolerance
-
-    tolerance = Tolerance(atol=atol, rtol=rtol, sigma=sigma, direction=direction.value)
-    return CheckGate.prepare(baseline, tolerance, metrics, layers)
-
-
 def check_table(result: Any) -> Table:
-    """The failing (metric, layer) rows with baseline, current, difference and the allowed band."""
+    """The failing (metric, layer) rows with baseline, current, difference, the allowed band and its atol/rtol."""
     from .check import band_text, fmt
 
     table = Table(title=result.headline(), title_justify="left", title_style="bold red")
-    for name in ("metric", "layer", "baseline", "current", "difference", "allowed"):
+    for name in ("metric", "layer", "baseline", "current", "difference", "allowed", "atol", "rtol"):
         table.add_column(name, justify="left" if name == "metric" else "right")
+    t = result.tolerance
     for _, r in result.failures.iterrows():
+        m = r["metric"]
         table.add_row(
-            r["metric"], str(r["layer"]), fmt(r["baseline"]), fmt(r["current"]), fmt(r["diff"], True), band_text(r)
+            m,
+            str(r["layer"]),
+            fmt(r["baseline"]),
+            fmt(r["current"]),
+            fmt(r["diff"], True),
+            band_text(r),
+            f"{t.atol_for(m):g}",
+            f"{t.rtol_for(m):g}",
         )
     return table
 
 
 def finish_check(result: Any, written: list[Path], quiet: bool) -> None:
-    """Print the verdict (failing rows as a table) and exit 1 on a regression."""
+    """Print the verdict (failing rows as a table), the per-metric tolerances, and exit 1 on a regression."""
     if not quiet:
         for note in result.notes:
             err_console.print(f"[yellow]Note:[/] {escape(note)}", highlight=False)
         if result.passed:
-            out_console.print(f"[bold green]{escape(result.headline())}[/] ({result.tolerance.describe()})")
+            out_console.print(f"[bold green]{escape(result.headline())}[/]")
         else:
             out_console.print(check_table(result))
-            out_console.print(f"tolerance: {result.tolerance.describe()}", highlight=False)
+        out_console.print(f"tolerance: {escape(result.describe_tolerance())}", highlight=False)
         if written:
             out_console.print(f"Wrote {', '.join(escape(str(p)) for p in written)}", highlight=False)
     if not result.passed:
@@ -540,6 +751,7 @@ def finish_check(result: Any, written: list[Path], quiet: bool) -> None:
 
 
 @command("check")
+@config_options(GateOptions, into="check")
 def check_cmd(
     baseline: Annotated[
         Path,
@@ -553,27 +765,22 @@ def check_cmd(
             help="The run to check: a run folder written by `measure`, or its layers.csv.", show_default=False
         ),
     ],
-    atol: AtolOpt = 0.02,
-    rtol: RtolOpt = 0.0,
-    sigma: SigmaOpt = 0.0,
-    direction: DirectionOpt = Direction.both,
     metric: CheckMetricOpt = None,
-    layers: LayersOpt = None,
-    report: ReportOpt = None,
-    junit: JunitOpt = None,
-    plot: PlotOpt = None,
+    *,
+    check: GateOptions,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code is the verdict.")] = False,
 ) -> None:
     """Fail (exit 1) when a run's over-smoothing curves moved beyond a tolerance from a baseline.
 
-    Per metric and layer, `current - baseline` must lie within `atol + rtol·|baseline| + sigma·√(se_b² + se_c²)`.
+    Per metric and layer, `current - baseline` must lie within `atol + rtol·|baseline| + sigma·√(se_b² + se_c²)`;
+    atol and rtol default to each metric's own (e.g. token_cosine 0.01, attention_std 5% of the baseline).
     Exit codes: **0** within tolerance, **1** regression, **2** unusable input (missing files; metrics, layers or
-    metrics_version that differ).
+    definitions that differ: metrics_version, --include-prefix, input size, token grid, image set).
 
-    Example: `oversmooth check ci/baseline runs/new --sigma 2 --report report.md --junit junit.xml`
+    Example: `oversmooth check ci/baseline runs/new --sigma 2 --atol attention_std=0.001 --report report.md`
     """
-    gate = check_gate(baseline, atol, rtol, sigma, direction, metric, layers)
-    finish_check(*gate.run(current, report, junit, plot), quiet)
+    gate = check.gate(baseline, metric)
+    finish_check(*gate.run(current, check.report, check.junit, check.plot), quiet)
 
 
 @command("compare")
@@ -599,17 +806,19 @@ def compare_cmd(
         typer.Option("--csv", help="Where to write the wide table.", show_default="compare.csv beside --out"),
     ] = None,
     ci: Annotated[bool, typer.Option("--ci", help="Shade each run's 95% interval over images.")] = False,
+    allow_other_images: AllowOtherImagesOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Overlay the per-layer curves of several runs: one panel per metric, one line per run.
 
     Writes the figure and **compare.csv** (one row per metric and layer, or relative depth, one column per run).
+    Runs whose metric definitions (metrics_version, --include-prefix) or image sets differ are refused (exit 2).
 
     Example: `oversmooth compare runs/before runs/after --label before --label after --out compare.png`
     """
     from .compare import compare_runs, write_compare
 
-    result = compare_runs(runs, label, relative_depth, metric)
+    result = compare_runs(runs, label, relative_depth, metric, allow_other_images=allow_other_images)
     png, table = write_compare(result, out, csv, ci)
     if quiet:
         return
@@ -646,50 +855,8 @@ def baseline_cmd(
     )
 
 
-def _field_option(f: dataclasses.Field, kind: Any) -> inspect.Parameter:
-    """One Typer option for a dataclass field: flags, help, choices and default from the field and its metadata."""
-    meta = f.metadata
-    default = f.default
-    if "parse" in meta:  # given as text on the command line, e.g. --loss cos,cons
-        kind, default = str, ",".join(default)
-    if "choices" in meta:
-        kind = Enum(f.name, {c: c for c in meta["choices"]}, type=str)
-        default = kind(default)
-    flags = meta.get("flags", (f"--{f.name.replace('_', '-')}",))
-    option = typer.Option(*flags, help=meta["help"], show_default=meta.get("show_default", True))
-    annotation = Annotated[kind, option]
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-
-
-def _from_option(f: dataclasses.Field, value: Any) -> Any:
-    if "parse" in f.metadata:
-        return f.metadata["parse"](value)
-    return value.value if isinstance(value, Enum) else value
-
-
-def config_options(config_cls: type, into: str) -> Callable[[F], F]:
-    """Replace the command's parameter ``into`` by one option per field of the dataclass ``config_cls`` (its defaults,
-    help and checks live there, once); the command is called with ``into=config_cls(**the options' values)``."""
-    fields = dataclasses.fields(config_cls)
-    hints = get_type_hints(config_cls)
-    options = [_field_option(f, hints[f.name]) for f in fields]
-
-    def decorate(fn: F) -> F:
-        params = list(inspect.signature(fn, eval_str=True).parameters.values())
-        at = [p.name for p in params].index(into)
-
-        @functools.wraps(fn)
-        def with_config(**kwargs: Any) -> Any:
-            values = {f.name: _from_option(f, kwargs.pop(f.name)) for f in fields}
-            return fn(**kwargs, **{into: config_cls(**values)})
-
-        with_config.__signature__ = inspect.Signature([*params[:at], *options, *params[at + 1 :]])  # type: ignore[attr-defined]
-        return with_config  # type: ignore[return-value]
-
-    return decorate
-
-
 @command("finetune")
+@config_options(ModelOptions, into="loading")
 @config_options(FinetuneConfig, into="config")
 def finetune_cmd(
     model: ModelArg,
@@ -701,6 +868,7 @@ def finetune_cmd(
     ] = None,
     *,
     config: FinetuneConfig,
+    loading: ModelOptions,
     workers: WorkersOpt = 0,
     device: DeviceOpt = "auto",
     out: Annotated[
@@ -711,11 +879,32 @@ def finetune_cmd(
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue the run in this folder (same options) from its last save.")
     ] = None,
-    arch: ArchOpt = None,
-    model_arg: ModelArgOpt = None,
-    pretrained: PretrainedOpt = False,
-    strict_load: StrictLoadOpt = True,
-    trust_checkpoint: TrustOpt = False,
+    control: Annotated[
+        bool,
+        typer.Option(
+            "--control",
+            help="Also train the --loss none twin (same seed, samples, augmentations, CutMix draws) into OUT/control "
+            "and write side_by_side.png/.csv/.json with a verdict on the accuracy difference.",
+        ),
+    ] = False,
+    monitor_every: Annotated[
+        int | None,
+        typer.Option(
+            "--monitor-every",
+            min=0,
+            help="Measure over-smoothing on up to 64 validation images every N optimizer steps (and before the first) "
+            "into monitor.csv and monitor.png, a layer x step heatmap; 0: off.",
+            show_default="once per epoch",
+        ),
+    ] = None,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard",
+            help="Also write the monitor's per-layer curves and heatmap as TensorBoard event files into OUT/tb "
+            "(needs the tensorboard extra).",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a timm ViT with cross-entropy plus the patch-diversification losses (cos, cons, token).
@@ -723,14 +912,14 @@ def finetune_cmd(
     Total loss = CE + w_cos * l_cos + w_cons * l_cons + w_token * l_token (Gong et al. 2021). Writes into --out:
     **checkpoint-last/best.safetensors** + **config.json** (`oversmooth measure OUT` loads the best),
     **train_state.pt** (for --resume), **history.csv**, **before/** and **after/** (measure runs on the validation
-    images), **compare.png** and **training.png**. Ctrl-C saves a resumable checkpoint.
+    images), **compare.png** and **training.png**, **monitor.csv** and **monitor.png** (over-smoothing on the
+    validation images while training, --monitor-every). Ctrl-C saves a resumable checkpoint.
 
     Several GPUs: `torchrun --nproc_per_node=N -m oversmooth_cli finetune ...`.
 
     Example: `oversmooth finetune examples/digits-vit data/train --val-dir data/val --loss cos,cons,token`
     """
     from .finetune import finetune
-    from .models import parse_model_args
 
     if resume is not None and out is not None and out.resolve() != resume.resolve():
         raise UserError(f"--resume {resume} continues the run in that folder; drop --out {out} or make them equal")
@@ -739,37 +928,14 @@ def finetune_cmd(
         out = out or base.parent / f"finetune-{base.name}"
     say = (lambda msg: err_console.print(f"[cyan]Note:[/] {escape(msg)}", highlight=False)) if not quiet else None
     with make_progress(quiet, unit="steps") as progress:
-        tasks: dict[int, Any] = {}
-
-        def on_step(info: Any) -> None:
-            if info.epoch not in tasks:
-                tasks[info.epoch] = progress.add_task(f"epoch {info.epoch}/{info.epochs}", total=info.steps, rate="")
-            terms = "  ".join(f"{k} {v:.4f}" for k, v in info.running.items())
-            progress.update(tasks[info.epoch], completed=info.step, rate=terms)
-
-        def on_epoch(row: dict[str, Any]) -> None:
-            if tasks.get(row["epoch"]) is not None:
-                progress.remove_task(tasks[row["epoch"]])
-            if not quiet and _is_main():
-                progress.console.print(
-                    f"epoch {row['epoch']}/{config.epochs}  loss {row['train_loss']:.4f}  "
-                    f"val loss {row['val_loss']:.4f}  "
-                    f"val top-1 {row['val_top1']:.2f}%  last-layer token cosine {row['val_token_cosine']:.4f}  "
-                    f"{row['seconds']:.1f}s",
-                    highlight=False,
-                )
-
+        on_step, on_epoch = _training_callbacks(progress, config.epochs, quiet)
         result = finetune(
             model,
             train_dir,
             resume or out,
             config,
             val_dir=val_dir,
-            arch=arch,
-            pretrained=pretrained,
-            model_args=parse_model_args(model_arg),
-            strict_load=strict_load,
-            trust_checkpoint=trust_checkpoint,
+            **loading.load_kwargs(),
             device=device,
             workers=workers,
             resume=resume is not None,
@@ -778,7 +944,40 @@ def finetune_cmd(
             on_epoch=on_epoch,
             log=say if _is_main() else None,
             command=command_line(),
+            control=control,
+            monitor_every=monitor_every,
+            tensorboard=tensorboard,
         )
+    _finish_finetune(result, control, quiet)
+
+
+def _training_callbacks(progress: Progress, epochs: int, quiet: bool) -> tuple[Callable, Callable]:
+    """``on_step`` (one progress task per epoch, running loss terms) and ``on_epoch`` (one line per epoch)."""
+    tasks: dict[int, Any] = {}
+
+    def on_step(info: Any) -> None:
+        if info.epoch not in tasks:
+            tasks[info.epoch] = progress.add_task(f"epoch {info.epoch}/{info.epochs}", total=info.steps, rate="")
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in info.running.items())
+        progress.update(tasks[info.epoch], completed=info.step, rate=terms)
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        if tasks.get(row["epoch"]) is not None:
+            progress.remove_task(tasks.pop(row["epoch"]))
+        if quiet or not _is_main():
+            return
+        if row["epoch"] == 0:
+            line = f"before training  val loss {row['val_loss']:.4f}"
+        else:
+            line = f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}"
+        line += f"  val top-1 {row['val_top1']:.2f}%  last-layer token cosine {row['val_token_cosine']:.4f}"
+        progress.console.print(line + (f"  {row['seconds']:.1f}s" if row["epoch"] else ""), highlight=False)
+
+    return on_step, on_epoch
+
+
+def _finish_finetune(result: Any, control: bool, quiet: bool) -> None:
+    """Print a finished (or interrupted: exit 130) fine-tuning run: before/after lines, the side-by-side table."""
     if not _is_main():
         if result.interrupted:
             raise typer.Exit(130)
@@ -786,31 +985,53 @@ def finetune_cmd(
     target = escape(str(result.out))
     if result.interrupted:
         epoch, step = result.stopped_at
+        arm = " (control arm)" if result.control is not None and result.control.interrupted else ""
+        again = " --control" if control else ""
         err_console.print(
-            f"[yellow]Interrupted[/] at epoch {epoch}, step {step}: saved a resumable checkpoint; "
-            f"continue with --resume {target}",
+            f"[yellow]Interrupted[/] at epoch {epoch}, step {step}{arm}: saved a resumable checkpoint; "
+            f"continue with --resume {target}{again}",
             highlight=False,
         )
         raise typer.Exit(130)
     if quiet:
         return
-    before = result.before_layers
-    after = result.after_layers
-    last = int(before["layer"].max())
-
-    def cosine(df: Any) -> float:
-        return float(df[(df["metric"] == "token_cosine") & (df["layer"] == last)]["mean"].iloc[0])
-
-    out_console.print(
-        f"last-layer token cosine on the validation images: {cosine(before):.4f} before -> {cosine(after):.4f} after; "
-        f"best val top-1 {result.best_top1:.2f}% (epoch {result.best_epoch})",
-        highlight=False,
-    )
+    out_console.print(_before_after(result), highlight=False)
+    if result.control is not None:
+        out_console.print(f"control (--loss none): {_before_after(result.control)}", highlight=False)
+    if result.comparison is not None:
+        table = Table(title="side by side (final weights, validation images)", title_justify="left")
+        for name in ("arm", "val top-1 (95% CI)", "last-layer token cosine (95% CI)", "images"):
+            table.add_column(name, justify="left" if name == "arm" else "right")
+        for row in result.comparison.table.itertuples():
+            table.add_row(
+                row.arm,
+                f"{row.val_top1:.1f}% ({row.val_top1_ci95_low:.1f}-{row.val_top1_ci95_high:.1f})",
+                f"{row.token_cosine:.3f} ({row.token_cosine_ci95_low:.3f}-{row.token_cosine_ci95_high:.3f})",
+                str(row.n_images),
+            )
+        out_console.print(table)
+        out_console.print(result.comparison.verdict, highlight=False)
+    extra = ", control/, side_by_side.png/.csv/.json" if result.comparison is not None else ""
     out_console.print(
         f"Wrote {target}/ (checkpoint-last/best.safetensors, config.json, train_state.pt, history.csv, before/, "
-        "after/, compare.png, training.png)",
+        f"after/, compare.png, training.png{extra})",
         highlight=False,
     )
+
+
+def _before_after(result: Any) -> str:
+    """``val top-1 96.9% -> 96.4%, last-layer token cosine 0.507 -> 0.213 (best ...)``: epoch 0 vs the last epoch."""
+    history = result.history
+    first, last = history.iloc[0], history.iloc[-1]
+    line = (
+        f"val top-1 {first['val_top1']:.1f}% -> {last['val_top1']:.1f}%, "
+        f"last-layer token cosine {first['val_token_cosine']:.3f} -> {last['val_token_cosine']:.3f}"
+    )
+    if int(first["epoch"]) != 0:
+        line += f" (from epoch {int(first['epoch'])}: this run has no epoch-0 row)"
+    if result.best_epoch is not None:
+        line += f"; best val top-1 {result.best_top1:.2f}% (epoch {result.best_epoch})"
+    return line
 
 
 @command("models")
@@ -845,7 +1066,7 @@ def models_cmd(
 def main() -> None:
     """Console-script entry point."""
     try:
-        app()
+        app(prog_name="oversmooth")  # also under `python -m oversmooth_cli` and torchrun
     finally:
         if "torch.distributed" in sys.modules:
             from .runtime import shutdown

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .check import validate_definitions
 from .errors import UserError
 from .report import Run, atomic_write, load_run, metric_order, metric_panels, save_figure
 
@@ -89,17 +90,24 @@ def compare_runs(
     labels: Sequence[str] | None = None,
     relative_depth: bool = False,
     metrics: Sequence[str] | None = None,
+    *,
+    allow_other_images: bool = False,
 ) -> CompareResult:
     """Load several runs and build their wide table.
+
+    Every run is checked against the first with :func:`~oversmooth_cli.check.validate_definitions`, as ``check``
+    does, except that a different input size or token grid (different models) is a note, not a refusal.
 
     Args:
         sources: run folders or ``layers.csv`` files (or loaded :class:`~oversmooth_cli.report.Run` objects).
         labels: one legend label per run (default: :func:`default_labels`).
         relative_depth: align runs by ``layer / L`` instead of the layer index.
         metrics: metrics to show (default: every metric any run has).
+        allow_other_images: accept runs measured on different image sets (with a note).
 
     Raises:
-        UserError: no runs, a label count that does not match, repeated labels, or an unknown metric.
+        UserError: no runs, a label count that does not match, repeated labels, an unknown metric, or runs whose
+            definitions differ (metrics_version, a metric's definition such as ``--include-prefix``, image set).
     """
     if not sources:
         raise UserError("give at least one run folder to compare")
@@ -118,12 +126,16 @@ def compare_runs(
         unknown = [m for m in metrics if m not in available]
         if unknown:
             raise UserError(f"metric {', '.join(unknown)} is in none of the runs (they have {', '.join(available)})")
-    notes = []
-    versions = {r.metrics_version for r in runs if r.metrics_version is not None}
-    if len(versions) > 1:
-        notes.append(
-            f"runs use different metrics_version ({', '.join(sorted(versions))}); curves may not be comparable"
-        )
+    notes: list[str] = []
+    shown = metric_order(metrics) if metrics else sorted(available)
+    for run, label in zip(runs[1:], labels[1:], strict=True):
+        common = [m for m in shown if m in runs[0].metrics and m in run.metrics]
+        names = (repr(labels[0]), repr(label))
+        for note in validate_definitions(
+            runs[0], run, common, allow_other_images=allow_other_images, gate=False, names=names
+        ):
+            if note not in notes:
+                notes.append(note)
     depths = {r.n_layers for r in runs}
     if len(depths) > 1 and not relative_depth:
         notes.append(f"runs have different depths ({', '.join(map(str, sorted(depths)))}); try --relative-depth")

@@ -5,8 +5,11 @@ transform (``measure``), and labelled ImageFolder data with seeded augmentation 
 from __future__ import annotations
 
 import math
+import os
 import random
+import re
 import signal
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,8 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+_BINARY = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")
+"""Control bytes no text list of paths holds (tabs, line ends and form feeds are text)."""
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
@@ -59,10 +64,16 @@ def find_images(source: str | Path) -> list[Path]:
         return paths
     if src.suffix.lower() in IMAGE_EXTENSIONS:
         return [src]
-    try:
-        lines = [ln.strip() for ln in src.read_text().splitlines()]
-    except UnicodeDecodeError as e:
-        raise UserError(f"{source} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a text list of paths") from e
+    with open(src, "rb") as f:
+        data = f.read(1 << 16)  # binary data shows in the first bytes: a large non-list file is not read whole
+        if not _BINARY.search(data):
+            data += f.read()
+    if _BINARY.search(data):
+        raise UserError(
+            f"{source} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a text list of paths "
+            "(it holds binary data)"
+        )
+    lines = [ln.strip() for ln in os.fsdecode(data).splitlines()]  # names in any encoding, as the file system has them
     paths = [(src.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines if ln and ln[0] != "#"]
     if not paths:
         raise UserError(f"image list {source} names no images")
@@ -101,17 +112,23 @@ def load_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Ima
     """Decode an image to 8-bit RGB: EXIF orientation applied; L, LA, P, RGBA, CMYK, YCbCr, 16-bit and float
     images converted; the first frame of an animation. ``draft_size`` lets a JPEG decode at a reduced
     power-of-two scale that still covers that size (``Image.draft``): much faster for large photos, and the
-    eval resize that follows still sets the final size."""
-    with Image.open(path) as im:
-        if draft_size is not None and im.format == "JPEG":
-            im.draft("RGB", draft_size)
-        im.load()
-        img = ImageOps.exif_transpose(im)
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        img = _to_uint8(img)
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img.convert("RGB")
+    eval resize that follows still sets the final size.
+
+    PIL's warnings while decoding (a large image, odd EXIF or palette data) are silenced: the image either decodes
+    or raises, and an image over PIL's hard limit raises ``DecompressionBombError`` (skipped and listed by ``measure``).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as im:
+            if draft_size is not None and im.format == "JPEG":
+                im.draft("RGB", draft_size)
+            im.load()
+            img = ImageOps.exif_transpose(im)
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            img = _to_uint8(img)
+        elif img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        return img.convert("RGB")
 
 
 class ImagePathDataset(Dataset):

@@ -8,12 +8,14 @@ tokens or stages are when a number or an attribute name cannot.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from .adapters import UNSUPPORTED, FamilyAdapter, Group, register_adapter
+from .geometry import WindowLayout, cell_centres, pool_cells, strided_cells, window_cells
 
 __all__ = ["VIT_BLOCKS"]
 
@@ -43,6 +45,103 @@ def _hiera_stage(model: nn.Module, name: str) -> int:
 def _encoder_prefix(model: nn.Module, name: str) -> int:
     """Prefix tokens of a vision tower that may sit under ``encoder`` in a classifier wrapper."""
     return int(getattr(getattr(model, "encoder", model), "num_prefix_tokens", 0) or 0)
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+# -- position rules (Group.positions): which cells of the block's input grid each attention window holds ---------------
+def _swin_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout:
+    """Swin / SwinV2 / SwinV2-CR blocks: cyclic shift by ``-shift_size``, pad, ``window_size`` windows."""
+    block = model.get_submodule(name)
+    return WindowLayout(grid, window_cells(grid, _pair(block.window_size), _pair(block.shift_size)))
+
+
+def _block_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout | None:
+    """Blocks with a ``window_size`` (SAM, TinyViT, DaViT): pad, partition; ``0``: global attention (no windows)."""
+    size = _pair(model.get_submodule(name).window_size)
+    return WindowLayout(grid, window_cells(grid, size)) if all(size) else None
+
+
+def _twins_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout | None:
+    """Twins: locally-grouped attention (``attn.ws``) in windows; global sub-sampled attention over the image."""
+    ws = getattr(model.get_submodule(name).attn, "ws", None)
+    return WindowLayout(grid, window_cells(grid, (ws, ws))) if ws else None
+
+
+def _maxvit_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout | None:
+    """MaxViT: block attention (``window_partition``) or grid attention (``grid_partition``, dilated windows)."""
+    block = model.get_submodule(name)
+    if not hasattr(block, "partition_size"):  # CoAtNet / MaxViT transformer blocks attend over the whole map
+        return None
+    size = _pair(block.partition_size)
+    return WindowLayout(grid, window_cells(grid, size) if block.partition_block else strided_cells(grid, size))
+
+
+def _gcvit_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout:
+    """GCViT: windows; in global-query blocks every window's queries are the stage's global query tokens, a
+    ``window_size`` grid pooled from the whole feature map."""
+    block = model.get_submodule(name)
+    size = _pair(block.window_size)
+    queries = None
+    if block.attn.use_global:
+        queries = (cell_centres(size) * torch.tensor([grid[0] / size[0], grid[1] / size[1]])).reshape(1, -1, 2)
+    return WindowLayout(grid, window_cells(grid, size), queries)
+
+
+def _nest_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout:
+    """NesT: the level's input is already cut into ``block_size`` blocks, ``(B, blocks, N, C)``; the grid is the
+    level's feature map (blocks per side x block size)."""
+    level = model.get_submodule(name.split(".transformer_encoder")[0])
+    side = math.isqrt(level.pos_embed.shape[1]) * level.block_size
+    return WindowLayout((side, side), window_cells((side, side), _pair(level.block_size)))
+
+
+def _sam2_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout | None:
+    """SAM2 Hiera: windows; at a stage change the queries are max-pooled by ``q_stride`` inside each window."""
+    block = model.get_submodule(name)
+    if not block.is_windowed:
+        return None
+    size = _pair(block.window_size)
+    keys = window_cells(grid, size)
+    return WindowLayout(grid, keys, pool_cells(keys, size, _pair(block.q_stride)) if block.q_stride else None)
+
+
+def _mobilevit_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout:
+    """MobileViT: one sequence per pixel offset inside a ``patch_size`` patch, over the patches (a strided
+    partition whose windows are the offsets)."""
+    ph, pw = _pair(model.get_submodule(name.split(".transformer")[0]).patch_size)
+    return WindowLayout(grid, strided_cells(grid, (grid[0] // ph, grid[1] // pw)))
+
+
+def _hiera_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout:
+    """Hiera: tokens in the model's unrolled order (``model.unroll`` applied to the patch grid's cells), max-pooled
+    ``prod(q_stride)`` at a time at every stage change; mask-unit attention splits them into ``num_windows`` units
+    (token ``n`` in unit ``n % units``); pooled queries are the centre of the tokens they pool."""
+    attn = model.get_submodule(name).attn
+    patches = tuple(model.unroll.size)
+    cells = model.unroll(cell_centres(patches).reshape(1, -1, 2))
+    pool = math.prod(_pair(model.q_stride))
+    while cells.shape[1] > grid[0] * grid[1]:
+        cells = cells.view(1, pool, -1, 2).mean(dim=1)
+    n = cells.shape[1]
+    units = n // (attn.q_stride * attn.window_size) if attn.use_mask_unit_attn else 1
+    keys = cells.view(n // units, units, 2).transpose(0, 1)
+    queries = keys.reshape(units, attn.q_stride, -1, 2).mean(dim=1) if attn.q_stride > 1 else None
+    return WindowLayout(patches, keys, queries)
+
+
+def _mixed_heads(model: nn.Module, name: str, grid: tuple[int, int]) -> str:
+    """Talking-heads attention (CaiT, EfficientFormer-V2): the weights applied to the values mix the heads' softmax
+    maps with signed weights, so a row is no distribution over keys and has no mean distance."""
+    return "talking-heads weights (heads mixed after the softmax) are no distribution over keys: no mean distance"
+
+
+def _msra_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout:
+    """EfficientViT-MSRA: local windows of the attention's ``resolution``, the map padded to whole windows."""
+    size = _pair(model.get_submodule(name).mixer.m.attn.resolution)
+    return WindowLayout(grid, window_cells(grid, size))
 
 
 def _second(value: Any) -> torch.Tensor:
@@ -97,6 +196,7 @@ for _adapter in (
         (VIT_BLOCKS,),
         notes="Measured on fixed-size images (no NaFlex patch dictionaries); rotary variants after their rope.",
         patch_grid=True,
+        image_input=("embeds",),
     ),
     FamilyAdapter(
         "relpos",
@@ -108,7 +208,7 @@ for _adapter in (
     FamilyAdapter(
         "sam",
         ("vision_transformer_sam",),
-        (Group("blocks.*", layout="nhwc"),),
+        (Group("blocks.*", layout="nhwc", positions=_block_windows),),
         notes="Windowed blocks: attention std over each window's keys, averaged over windows; global blocks: over "
         "all tokens. Decomposed relative position bias is part of the logits. Token metrics over all tokens.",
         patch_grid=True,
@@ -117,7 +217,7 @@ for _adapter in (
         "cait",
         ("cait",),
         (
-            Group("blocks.*", tap="attn_drop"),
+            Group("blocks.*", tap="attn_drop", positions=_mixed_heads),
             Group("blocks_token_only.*", tokens=False, prefix=1, query_prefix=0, kind="class attention"),
         ),
         notes="Stage 0: self-attention blocks over the patch tokens (talking-heads attention: the weights applied "
@@ -139,7 +239,10 @@ for _adapter in (
     FamilyAdapter(
         "swin",
         ("swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr"),
-        (Group("layers.*.blocks.*", layout="nhwc"), Group("stages.*.blocks.*", layout="nhwc")),
+        (
+            Group("layers.*.blocks.*", layout="nhwc", positions=_swin_windows),
+            Group("stages.*.blocks.*", layout="nhwc", positions=_swin_windows),
+        ),
         notes="Windowed (shifted) attention: std over each window's keys, averaged over windows. Token metrics over "
         "all tokens of the stage. A layer is a block; stages are separated by patch merging.",
     ),
@@ -152,7 +255,7 @@ for _adapter in (
     FamilyAdapter(
         "twins",
         ("twins",),
-        (Group("blocks.*.*"),),
+        (Group("blocks.*.*", positions=_twins_windows),),
         notes="Locally-grouped (windowed) and global sub-sampled attention alternate; windows averaged per image.",
     ),
     FamilyAdapter(
@@ -196,6 +299,7 @@ for _adapter in (
         notes="Outer (patch-level) tokens and attention; the inner attention among the pixels of each patch is "
         "not measured.",
         patch_grid=True,
+        image_input=("pixel_embed",),
     ),
     FamilyAdapter(
         "volo",
@@ -216,15 +320,27 @@ for _adapter in (
     FamilyAdapter(
         "nest",
         ("nest",),
-        (Group("levels.*.transformer_encoder.*", layout="nhwc", heads_dim=1),),
+        (Group("levels.*.transformer_encoder.*", layout="nhwc", heads_dim=1, positions=_nest_windows),),
         notes="Attention within each image block (window), averaged over blocks; token metrics over all tokens.",
     ),
     FamilyAdapter(
         "maxxvit",
         ("maxxvit",),
         (
-            Group("stages.*.blocks.*.*", block_classes=("PartitionAttentionCl",), layout="nhwc", stage_wildcards=1),
-            Group("stages.*.blocks.*.*", block_classes=("PartitionAttention2d",), layout="nchw", stage_wildcards=1),
+            Group(
+                "stages.*.blocks.*.*",
+                block_classes=("PartitionAttentionCl",),
+                layout="nhwc",
+                stage_wildcards=1,
+                positions=_maxvit_windows,
+            ),
+            Group(
+                "stages.*.blocks.*.*",
+                block_classes=("PartitionAttention2d",),
+                layout="nchw",
+                stage_wildcards=1,
+                positions=_maxvit_windows,
+            ),
             Group("stages.*.blocks.*", block_classes=("TransformerBlock2d",), layout="nchw"),
         ),
         notes="MaxViT: a layer is one block-attention or grid-attention transformer step (two per MaxViT block; the "
@@ -234,7 +350,15 @@ for _adapter in (
     FamilyAdapter(
         "davit",
         ("davit",),
-        (Group("stages.*.blocks.*.*", attn_classes=("WindowAttention",), layout="nchw", stage_wildcards=1),),
+        (
+            Group(
+                "stages.*.blocks.*.*",
+                attn_classes=("WindowAttention",),
+                layout="nchw",
+                stage_wildcards=1,
+                positions=_block_windows,
+            ),
+        ),
         notes="Spatial (window) blocks: token metrics and attention averaged over windows. Channel blocks attend "
         "over channels: token metrics only.",
     ),
@@ -247,14 +371,14 @@ for _adapter in (
     FamilyAdapter(
         "hiera",
         ("hiera",),
-        (Group("blocks.*", heads_dim=1, stage=_hiera_stage),),
+        (Group("blocks.*", heads_dim=1, stage=_hiera_stage, positions=_hiera_windows),),
         notes="Mask-unit (windowed) attention in the early stages, averaged over units; global attention later. "
         "Stages from the model's stage ends.",
     ),
     FamilyAdapter(
         "gcvit",
         ("gcvit",),
-        (Group("stages.*.blocks.*", layout="nhwc"),),
+        (Group("stages.*.blocks.*", layout="nhwc", positions=_gcvit_windows),),
         notes="Local and global-query window attention alternate, averaged over windows.",
     ),
     FamilyAdapter(
@@ -297,14 +421,16 @@ for _adapter in (
     FamilyAdapter(
         "tiny_vit",
         ("tiny_vit",),
-        (Group("stages.*.blocks.*", block_classes=("TinyVitBlock",), layout="nhwc"),),
+        (Group("stages.*.blocks.*", block_classes=("TinyVitBlock",), layout="nhwc", positions=_block_windows),),
         notes="Windowed attention with attention biases, averaged over windows; the conv stage is not a layer.",
     ),
     FamilyAdapter(
         "byobnet",
         ("mobilevit", "byoanet"),
         (
-            Group("stages.*.*.transformer.*", attn_classes=("Attention",), stage_wildcards=1),
+            Group(
+                "stages.*.*.transformer.*", attn_classes=("Attention",), stage_wildcards=1, positions=_mobilevit_windows
+            ),
             Group(
                 "stages.*.*",
                 attn="self_attn",
@@ -346,7 +472,7 @@ for _adapter in (
     FamilyAdapter(
         "hieradet_sam2",
         ("hieradet_sam2",),
-        (Group("blocks.*", layout="nhwc", stage=_hiera_stage),),
+        (Group("blocks.*", layout="nhwc", stage=_hiera_stage, positions=_sam2_windows),),
         notes="SAM2 Hiera: windowed attention averaged over windows, global blocks over all tokens; stages from the "
         "model's stage ends.",
     ),
@@ -360,6 +486,7 @@ for _adapter in (
                 attn_classes=("Attention2d",),
                 tap="talking_head2",
                 layout="nchw",
+                positions=_mixed_heads,
             ),
         ),
         notes="Talking-heads attention: the weights applied to the values (after the post-softmax head mixing). "
@@ -374,6 +501,7 @@ for _adapter in (
         ),
         notes="Vision towers of vision-language models (classifier or bare encoder): q and k after their rotary "
         "embedding. Measured on fixed-size images.",
+        image_input=("encoder.patch_embed", "patch_embed"),
     ),
     FamilyAdapter(
         "shvit",
@@ -408,6 +536,7 @@ for _adapter in (
         (Group("stages.*.*", attn_classes=("Attention",), block_classes=("Block", "TransformerBlock"), layout="nchw"),),
         notes="Transformer blocks of the later stages; convolution blocks (with DCT spatial gating): token metrics "
         "only.",
+        image_input=("stem_dct",),
     ),
     FamilyAdapter(
         "edgenext",
@@ -436,20 +565,44 @@ for _adapter in (
         tuple(Group(f"stage{i}.*", attn_classes=("Attention",), layout="nchw") for i in (1, 2, 3)),
         notes="Stages without attention (convolution blocks) get token metrics only.",
     ),
+    FamilyAdapter(
+        "mobilenet_attention",
+        ("mobilenetv3", "mobilenetv5"),
+        (Group("blocks.*.*", block_classes=("MobileAttention",), layout="nchw"),),
+        notes="MobileNetV4 hybrids and MobileNetV5: a layer is a mobile attention block (multi-query attention: one "
+        "key / value head shared by all query heads, keys and values strided); the convolution blocks between them "
+        "are not layers. Convolution-only MobileNetV3 / V4 models have no attention and are refused.",
+        coverage=("all layers (hybrids only)", "all blocks (hybrids only)"),
+    ),
+    FamilyAdapter(
+        "efficientvit_msra",
+        ("efficientvit_msra",),
+        (
+            Group(
+                "stages.*.blocks.*",
+                attn="mixer.m.attn",
+                tap="cascaded",
+                layout="nchw",
+                positions=_msra_windows,
+            ),
+        ),
+        notes="Cascaded group attention: each head attends on its own (its input is its channel split plus the "
+        "previous head's output); the heads' softmax maps, read one after the other, are the layer's heads. Local "
+        "windows (the map padded to whole windows), averaged over windows; attention biases in the logits. The "
+        "downsampling steps between stages are not layers.",
+    ),
 ):
     register_adapter(_adapter)
 
 
 UNSUPPORTED.update(
     {
-        "efficientvit_msra": "cascaded group attention computes each head's softmax separately and feeds one head's "
-        "output into the next head, so no single attention tensor can be read; no adapter yet",
         "efficientvit_mit": "ReLU linear attention has no softmax attention map; no adapter yet (token metrics only "
         "would be possible)",
         "swiftformer": "efficient additive attention pools one global query: no query-key softmax map; no adapter yet",
-        "efficientvim": "hidden-state mixer (a state-space layer), no softmax attention; no adapter yet",
-        "mobilenetv5": "multi-query attention blocks inside a large convolutional encoder (the smallest model has "
-        "294M parameters): no small configuration to verify an adapter on; no adapter yet",
+        "byobnet": "bat_resnext26ts's bilinear attentional transform (BatNonLocalAttn, non-local attention over "
+        "pixel blocks) has no adapter yet; the CLIP ResNets' attention pooling belongs to the head, not to a "
+        "block; the module's other models are convolutional",
         "cpubone": "convolutional attention nested in composed residual modules; no adapter yet",
     }
 )

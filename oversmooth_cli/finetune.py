@@ -11,7 +11,9 @@ writes files, and every metric is summed over ranks before it is written.
 Outputs in the run folder (every file written atomically, checkpoints and state every epoch):
 ``checkpoint-last.safetensors``, ``checkpoint-best.safetensors``, ``config.json`` (``oversmooth measure DIR``
 loads the best checkpoint), ``train_state.pt`` (``--resume``), ``history.csv``, ``before/`` and ``after/``
-(full ``measure`` runs on the validation images), ``compare.png`` and ``training.png``.
+(full ``measure`` runs on the validation images), ``compare.png`` and ``training.png``; ``monitor.csv`` and
+``monitor.png`` (:class:`~.monitor.OversmoothingMonitor` on up to :data:`MONITOR_IMAGES` validation images, once per
+epoch unless ``monitor_every`` says otherwise) and, with ``tensorboard``, event files in ``tb/``.
 """
 
 from __future__ import annotations
@@ -31,18 +33,27 @@ from torch.utils.data import DataLoader
 from . import runtime as D
 from .adapters import resolve_adapter
 from .compare import compare_runs, plot_compare
-from .data import LabelledImages, Sample, build_transform, ignore_sigint, prepare_data, train_transform
+from .data import LabelledImages, Sample, build_transform, ignore_sigint, prepare_data, sample_paths, train_transform
 from .errors import UserError
 from .finetune_config import FinetuneConfig, parse_losses, validate_config
-from .geometry import patch_grid
 from .losses import PatchDiversificationLoss
 from .measure import measure, write_run
 from .models import LoadedModel, load_model, model_config
-from .report import atomic_write, check_out_dir, plot_training, read_layers, save_figure
+from .monitor import OversmoothingMonitor
+from .report import atomic_write, check_out_dir, plot_monitor_heatmap, plot_training, read_layers, save_figure
 from .taps import UnsupportedModelError
 from .training import StepInfo, Trainer, check_same_run, load_train_state
 
-__all__ = ["OUTPUT_NAMES", "FinetuneConfig", "FinetuneResult", "finetune", "parse_losses"]
+__all__ = [
+    "CONTROL_OUTPUT_NAMES",
+    "MONITOR_IMAGES",
+    "OUTPUT_NAMES",
+    "TENSORBOARD_OUTPUT_NAMES",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "finetune",
+    "parse_losses",
+]
 
 OUTPUT_NAMES = (
     "checkpoint-last.safetensors",
@@ -54,8 +65,17 @@ OUTPUT_NAMES = (
     "after",
     "compare.png",
     "training.png",
+    "monitor.csv",
+    "monitor.png",
 )
-"""Everything a run writes into its folder (``--overwrite`` removes these, and only these)."""
+"""Everything a run writes into its folder (``--overwrite`` removes these, :data:`CONTROL_OUTPUT_NAMES` and
+:data:`TENSORBOARD_OUTPUT_NAMES`, only)."""
+CONTROL_OUTPUT_NAMES = ("control", "side_by_side.png", "side_by_side.csv", "side_by_side.json")
+"""What ``control=True`` adds: the twin's run folder and the side-by-side (:mod:`.control`)."""
+TENSORBOARD_OUTPUT_NAMES = ("tb",)
+"""What ``tensorboard=True`` adds: the event files of the monitor's curves."""
+MONITOR_IMAGES = 64
+"""The monitor's probe: a seeded sample of at most this many validation images, fixed for the whole run."""
 
 
 @dataclass
@@ -71,6 +91,8 @@ class FinetuneResult:
     interrupted: bool = False
     stopped_at: tuple[int, int] | None = None  # (epoch, step) for an interrupted run, 1-based epoch
     notes: list[str] = field(default_factory=list)
+    control: FinetuneResult | None = None  # the --loss none twin of a control=True run (in out/control)
+    comparison: Any = None  # its side-by-side with this run (:class:`~.control.SideBySide`)
 
 
 # -- the steps of a run --------------------------------------------------------------------------------------------
@@ -110,18 +132,23 @@ def _build_model(
     return loaded, notes
 
 
-def _criterion(model: torch.nn.Module, cfg: FinetuneConfig) -> PatchDiversificationLoss:
+def _criterion(model: torch.nn.Module, cfg: FinetuneConfig, input_size: Any) -> PatchDiversificationLoss:
+    """The loss terms; when a term or patch CutMix is on, the model is probed at the training input size, so a term
+    it cannot run is refused (one line naming the family, the term and why) before anything is written."""
     try:
         adapter = resolve_adapter(model)
     except UnsupportedModelError as e:
         raise UserError(str(e)) from e
-    return PatchDiversificationLoss(model, cfg.losses, cfg.weights, cfg.cons_sim, cfg.cons_grad_first, adapter)
+    probe = input_size if cfg.losses or cfg.use_cutmix else None
+    return PatchDiversificationLoss(
+        model, cfg.losses, cfg.weights, cfg.cons_sim, cfg.cons_grad_first, adapter, input_size=probe
+    )
 
 
 def _prepare_out(out: Path) -> None:
     """Remove a previous run's outputs (only once the new run's model and data were accepted)."""
     if out.is_dir():
-        for name in OUTPUT_NAMES:
+        for name in OUTPUT_NAMES + CONTROL_OUTPUT_NAMES + TENSORBOARD_OUTPUT_NAMES:
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -174,7 +201,92 @@ def _write_compare(out: Path, title: str) -> None:
         save_figure(plot_compare(runs, ci=True, title=title), out / "compare.png")
 
 
+def _with_definitions(config: dict[str, Any], plan: Any) -> dict[str, Any]:
+    """``config.json`` with what the loss terms read (``h``, ``e``, the per-token head, the CutMix grid) under
+    ``finetune.losses_read`` (:meth:`~.losses.TokenPlan.describe`)."""
+    if plan is not None:
+        config["finetune"] = {**config["finetune"], "losses_read": plan.describe()}
+    return config
+
+
+def _tensorboard_writer_class() -> type:
+    """The writer of ``--tensorboard``; a missing extra is a one-line UserError (checked before anything runs)."""
+    try:
+        from .integrations.tensorboard import TensorBoardWriter
+    except ImportError as e:
+        raise UserError(f"--tensorboard: {e}") from e
+    return TensorBoardWriter
+
+
+def _monitor(
+    model: torch.nn.Module,
+    val_paths: list[Path],
+    loaded: LoadedModel,
+    out: Path,
+    every: int,
+    tensorboard: Any,
+    cfg: FinetuneConfig,
+    resumed: bool,
+) -> OversmoothingMonitor:
+    """The monitor of the run: up to :data:`MONITOR_IMAGES` validation images; a resumed run continues monitor.csv."""
+    probe = sample_paths(val_paths, MONITOR_IMAGES, cfg.seed)
+    sinks = [tensorboard] if tensorboard is not None else []
+    monitor = OversmoothingMonitor(model, probe, every, data_config=loaded.data_config, on_measure=sinks)
+    if resumed and (out / "monitor.csv").is_file():
+        monitor.load_history(pd.read_csv(out / "monitor.csv"))
+    return monitor
+
+
+def _write_monitor(out: Path, monitor: OversmoothingMonitor | None, title: str) -> None:
+    """monitor.csv and monitor.png (rank 0, once something was measured)."""
+    if monitor is None or not D.is_main() or monitor.history.empty:
+        return
+    history = monitor.history
+    atomic_write(out / "monitor.csv", lambda p: history.to_csv(p, index=False))
+    save_figure(plot_monitor_heatmap(history, title=title), out / "monitor.png")
+
+
 # -- the command ---------------------------------------------------------------------------------------------------
+def _fit(
+    trainer: Trainer,
+    train_set: Any,
+    val_loader: Any,
+    workers: int,
+    out: Path,
+    monitor: Any,
+    writer: Any,
+    titles: tuple[str, str],
+    on_step: Callable[[StepInfo], None] | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> bool:
+    """The epoch-0 row, then :meth:`Trainer.fit` with the monitor stepped and the reports written after every epoch;
+    returns whether Ctrl-C stopped it (state saved)."""
+
+    def step_done(info: StepInfo) -> None:
+        if monitor is not None:
+            monitor.step(trainer.progress.global_step)
+        if on_step is not None:
+            on_step(info)
+
+    def epoch_done(row: dict[str, Any]) -> None:
+        _write_reports(out, trainer.history(), titles[0])
+        _write_monitor(out, monitor, titles[1])
+        if on_epoch is not None:
+            on_epoch(row)
+
+    if monitor is not None:
+        monitor.step(trainer.progress.global_step)  # step 0: the weights before training
+    start = trainer.record_start(val_loader)  # the epoch-0 row: validation before the first step (once per run)
+    if start is not None:
+        epoch_done(start)
+    try:
+        return trainer.fit(train_set, val_loader, workers, step_done, epoch_done)
+    finally:
+        _write_monitor(out, monitor, titles[1])
+        if writer is not None:
+            writer.close()
+
+
 def finetune(
     model: str,
     train_dir: str | Path,
@@ -195,6 +307,9 @@ def finetune(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
+    control: bool = False,
+    monitor_every: int | None = None,
+    tensorboard: bool = False,
 ) -> FinetuneResult:
     """Fine-tune a timm ViT with cross-entropy plus the patch-diversification losses and measure it before and after.
 
@@ -213,11 +328,25 @@ def finetune(
         on_epoch: called with each history row.
         log: called with notes for the user (e.g. a classifier head reset).
         command: the command line to record in ``before/`` and ``after/``.
+        control: also train the ``--loss none`` twin (same seed, sample order, augmentations and CutMix draws) into
+            ``out/control`` and write the side-by-side (:func:`~.control.finetune_with_control`).
+        monitor_every: measure over-smoothing on up to :data:`MONITOR_IMAGES` validation images every this many
+            optimizer steps and at step 0, into ``monitor.csv`` and ``monitor.png`` (default: once per epoch; 0: off).
+        tensorboard: also write the monitor's scalars and heatmap as TensorBoard event files into ``out/tb``.
 
     Returns:
-        A :class:`FinetuneResult` (``interrupted`` when Ctrl-C stopped it after saving a resumable checkpoint).
+        A :class:`FinetuneResult` (``interrupted`` when Ctrl-C stopped it after saving a resumable checkpoint); with
+        ``control``, the twin's result and the comparison are in ``control`` and ``comparison``.
     """
+    arguments = dict(locals())  # every argument, for the two arms of a control run
     cfg = validate_config(config or FinetuneConfig(), needs_val_split=val_dir is None)
+    if monitor_every is not None and monitor_every < 0:
+        raise UserError(f"--monitor-every must be at least 0 (0: off), got {monitor_every}")
+    tensorboard_writer = _tensorboard_writer_class() if tensorboard and monitor_every != 0 else None
+    if control:
+        from .control import finetune_with_control
+
+        return finetune_with_control(finetune, {**arguments, "config": cfg})
     say = log or (lambda _msg: None)
     dev, out = D.setup_device(device), Path(out)
     classes, train_samples, val_samples = prepare_data(train_dir, val_dir, cfg.val_split, cfg.seed)
@@ -235,8 +364,9 @@ def finetune(
     for note in notes:
         say(note)
     net = loaded.model.to(dev)
-    criterion = _criterion(net, cfg)
-    patch = patch_grid(net, loaded.data_config) if cfg.losses or cfg.use_cutmix else None
+    criterion = _criterion(net, cfg, loaded.data_config["input_size"])
+    plan = criterion.plan
+    patch = (plan.h_grid, plan.h_shape[0]) if plan is not None else None  # the grid CutMix snaps to, l_token's tokens
     if state is None and D.is_main():
         _prepare_out(out)
 
@@ -251,7 +381,7 @@ def finetune(
         patch=patch,
         out=out,
         run_record=run_record,
-        model_config=model_config(loaded, classes, run_record),
+        model_config=_with_definitions(model_config(loaded, classes, run_record), plan),
     )
     before_layers = None
     if state is not None:
@@ -267,13 +397,13 @@ def finetune(
         before_layers = _measure_into(run_measure, out / "before")
 
     losses = ", ".join(cfg.losses) or "none"
+    writer = tensorboard_writer(out / "tb") if tensorboard_writer is not None and D.is_main() else None
+    every = trainer.steps_per_epoch if monitor_every is None else monitor_every
+    monitor = _monitor(net, val_paths, loaded, out, every, writer, cfg, state is not None) if every else None
+    monitor_title = f"{loaded.name} · losses: {losses} · {monitor.n_images if monitor else 0} val images"
 
-    def epoch_done(row: dict[str, Any]) -> None:
-        _write_reports(out, trainer.history(), f"{loaded.name} · losses: {losses}")
-        if on_epoch is not None:
-            on_epoch(row)
-
-    interrupted = trainer.fit(train_set, val_loader, workers, on_step, epoch_done)
+    titles = (f"{loaded.name} · losses: {losses}", monitor_title)
+    interrupted = _fit(trainer, train_set, val_loader, workers, out, monitor, writer, titles, on_step, on_epoch)
     p = trainer.progress
     result = FinetuneResult(
         out, trainer.history(), before_layers, None, p.best_epoch, p.best_top1 if p.best_epoch else None, notes=notes

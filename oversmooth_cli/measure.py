@@ -15,7 +15,9 @@ the per-layer and per-head tables plus :func:`build_summary`'s ``summary.json``.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -52,8 +54,10 @@ __all__ = [
     "BatchesResult",
     "MeasureResult",
     "build_summary",
+    "describe_image_set",
     "measure",
     "measure_batches",
+    "run_definitions",
     "write_run",
 ]
 
@@ -305,6 +309,10 @@ def measure(
     head_df = pd.DataFrame(list(batches.accumulator.head_rows()), columns=HEAD_COLUMNS)
     n_images = batches.accumulator.n_images
     source = f"{len(images)} paths" if isinstance(images, (list, tuple)) else str(images)
+    unread = {s["path"] for s in skipped}
+    image_set = describe_image_set(
+        [p for p in paths if str(p) not in unread], None if isinstance(images, (list, tuple)) else images
+    )
     counts = {"source": source, "found": len(all_paths), "selected": len(paths), "measured": n_images}
     image_info = {**counts, "skipped": len(skipped), "skipped_files": skipped, "limit": limit, "seed": seed}
     run_info = {
@@ -323,7 +331,9 @@ def measure(
         "seconds": round(seconds, 4),
         "images_per_second": round(n_images / seconds, 3) if seconds > 0 else None,
     }
-    summary = build_summary(loaded, batches, layer_df, metrics, image_info, run_info, include_prefix, command)
+    summary = build_summary(
+        loaded, batches, layer_df, metrics, image_info, run_info, include_prefix, command, image_set=image_set
+    )
     return MeasureResult(layer_df, head_df, summary, batches.accumulator)
 
 
@@ -355,8 +365,13 @@ def build_summary(
     run: dict[str, Any],
     include_prefix: bool = False,
     command: str | None = None,
+    *,
+    image_set: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What ``summary.json`` holds: provenance, model, image counts, run settings, metric definitions, curves.
+
+    Its ``definitions`` block gathers everything that changes what a number means (:func:`run_definitions`);
+    ``check``, ``compare`` and ``measure --baseline`` compare it and refuse runs whose definitions differ.
 
     Args:
         loaded: the measured model.
@@ -367,6 +382,7 @@ def build_summary(
         run: the ``run`` section (device, dtypes, batch settings, timing).
         include_prefix: ``--include-prefix`` was given.
         command: the command line (default: ``sys.argv``).
+        image_set: :func:`describe_image_set` of the measured images (left out of ``definitions`` when ``None``).
     """
     measured = set(layer_df["metric"])
     return {
@@ -404,7 +420,63 @@ def build_summary(
             for layer in batches.layers
         ],
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
+        "definitions": run_definitions(loaded, batches, layer_df, include_prefix, image_set),
     }
+
+
+def run_definitions(
+    loaded: LoadedModel,
+    batches: BatchesResult,
+    layer_df: pd.DataFrame,
+    include_prefix: bool = False,
+    image_set: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``summary.json``'s ``definitions``: what two runs must share for their numbers to mean the same thing.
+
+    ``metrics_version``, ``include_prefix``, each measured metric's definition (``definition``, ``tokens``,
+    ``prefix_included``, ``layers`` of :func:`~oversmooth_cli.metrics.describe_metric`), the model input size
+    (``input_size`` of the data config), the patch tokens per layer (``n_tokens``, layer 0 first) and the image set
+    (:func:`describe_image_set`). ``attention_tap`` is recorded too but never compared: the taps agree to 1e-5.
+    """
+    described = {m: describe_metric(m, include_prefix) for m in metric_order(layer_df["metric"].unique())}
+    size = loaded.data_config.get("input_size")
+    out = {
+        "metrics_version": METRICS_VERSION,
+        "include_prefix": include_prefix,
+        "metrics": {
+            m: {k: d[k] for k in ("definition", "tokens", "prefix_included", "layers")} for m, d in described.items()
+        },
+        "input_size": [int(x) for x in size] if size is not None else None,
+        "n_tokens": [layer.n_tokens for layer in batches.layers],
+        "attention_tap": batches.attention_tap,
+    }
+    if image_set is not None:
+        out["images"] = image_set
+    return out
+
+
+def describe_image_set(paths: Sequence[str | Path], source: str | Path | None = None) -> dict[str, Any]:
+    """The measured images as ``count`` and ``sha256`` (what ``check`` compares) plus ``relative_to`` (for people).
+
+    The hash is the SHA-256 of the images' relative paths, sorted, written with ``/`` and joined by newlines. Paths
+    are taken relative to ``source`` when it is a folder (the image folder given to ``measure``), else to the
+    deepest folder that holds them all (one image, a list file, a Python list of paths): the same images under
+    another checkout path give the same hash, while adding, removing or renaming an image changes it. File
+    contents are not hashed.
+    """
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    shown: str | Path | None = None
+    if source is not None and Path(source).is_dir():
+        root = Path(os.path.abspath(source))
+        shown = source  # as given: a committed baseline then names no machine's absolute path
+    else:
+        try:
+            root = Path(os.path.commonpath([str(p.parent) for p in absolute])) if absolute else Path()
+        except ValueError:  # different drives: no common folder
+            root = Path()
+    names = sorted((p.relative_to(root) if root.parts else p).as_posix() for p in absolute)
+    digest = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()  # names as on disk
+    return {"count": len(names), "sha256": digest, "relative_to": str(shown if shown is not None else root)}
 
 
 def write_run(result: MeasureResult, out: str | Path, overwrite: bool = False, per_head: bool = False) -> Path:

@@ -54,6 +54,7 @@ __all__ = [
     "metric_def",
     "parse_metrics",
     "rank_collapse",
+    "softmax_row_std",
     "split_metrics",
     "to_float",
     "token_abs_cosine",
@@ -89,9 +90,13 @@ def token_cosine(tokens: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     n = x.shape[-2]
     if n < 2:
         raise ValueError(f"token_cosine needs at least 2 tokens per image, got {n}")
-    u = F.normalize(x, dim=-1, eps=eps)
-    s = u.sum(dim=-2)
-    pairs = s.pow(2).sum(dim=-1) - u.pow(2).sum(dim=(-2, -1))
+    # u_i = h_i / max(|h_i|, eps) as F.normalize makes it, without writing u: s is one weighted sum of the tokens
+    # (a matrix-vector product per image) and sum_i |u_i|^2 comes from the norms; two passes over the tokens.
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    inv = norms.clamp_min(eps).reciprocal()
+    with torch.autocast(device_type=x.device.type, enabled=False):  # float32 under --amp too
+        s = (inv.unsqueeze(-2) @ x).squeeze(-2)
+    pairs = s.square().sum(dim=-1) - (norms * inv).square().sum(dim=-1)
     return pairs / (n * (n - 1))
 
 
@@ -114,6 +119,27 @@ def attention_row_std(probs: torch.Tensor, block_elements: int = 1 << 20) -> tor
     rows = max(1, block_elements * p.shape[-2] // max(1, p.numel()))
     norms = [torch.linalg.vector_norm(b - b.mean(dim=-1, keepdim=True), dim=-1) for b in p.split(rows, dim=-2)]
     return (norms[0] if len(norms) == 1 else torch.cat(norms, dim=-1)) / math.sqrt(p.shape[-1])
+
+
+def softmax_row_std(probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`attention_row_std` of softmax rows (rows that sum to 1): ``|p - 1/K| / sqrt(K)``.
+
+    The mean of such a row is ``1/K``, so the centring needs no pass of its own: one subtraction and one norm, each
+    reading the row once (on CPU about half the time of the general form). A row summing to ``1 + e`` gives
+    ``sqrt(std^2 + (e/K)^2)``: for float32 softmax rows (``|e|`` about 1e-7) within about ``1e-7 / K`` of its exact
+    standard deviation. Rows that need not sum to 1 (talking heads, gating) take :func:`attention_row_std`.
+
+    Args:
+        probs: ``(..., Q, K)`` softmax attention.
+        out: memory of ``probs``' shape (float32 or wider) for ``p - 1/K``; default: a new tensor.
+
+    Returns:
+        ``(..., Q)``.
+    """
+    p = to_float(probs)
+    keys = p.shape[-1]
+    centred = p - 1.0 / keys if out is None else torch.sub(p, 1.0 / keys, out=out)
+    return torch.linalg.vector_norm(centred, dim=-1) / math.sqrt(keys)
 
 
 def attention_std(probs: torch.Tensor) -> torch.Tensor:
@@ -340,6 +366,11 @@ class MetricDef:
         source: the paper the definition follows.
         finish: for ``consecutive`` attention metrics, ``fn(prev_chunk, cur_chunk)`` returns partial sums that add
             up over query chunks and ``finish(*sums)`` turns them into one value per image and head.
+        atol, rtol: ``check``'s default tolerance for this metric, ``allowed = atol + rtol * |baseline| (+ sigma
+            term)``, set from the metric's scale: bounded metrics (cosines, CKA, normalised entropy, residual in
+            [0, 1]) get an absolute band, metrics whose scale depends on the model (number of keys or tokens, image
+            size) a relative one with a tiny absolute floor. ``--atol`` / ``--rtol`` override them; the README's
+            gate section lists the values and the measurements they come from.
     """
 
     name: str
@@ -356,6 +387,8 @@ class MetricDef:
     cost: str = "cheap"
     source: str = ""
     finish: Callable[..., torch.Tensor] | None = None
+    atol: float = 0.01
+    rtol: float = 0.0
 
 
 TOKEN_METRICS: dict[str, MetricDef] = {
@@ -390,6 +423,8 @@ TOKEN_METRICS: dict[str, MetricDef] = {
         prefix_option=True,
         cost="extra",
         source="Roy and Vetterli 2007 (The effective rank: a measure of effective dimensionality)",
+        atol=0.01,
+        rtol=0.02,
     ),
     "token_abs_cosine": MetricDef(
         "token_abs_cosine",
@@ -445,6 +480,8 @@ ATTENTION_METRICS: dict[str, MetricDef] = {
         tokens="patch queries, all keys (prefix keys included)",
         uses_prefix=True,
         source="Gong et al. 2021 (Vision Transformers with Patch Diversification), Fig. 1",
+        atol=1e-6,
+        rtol=0.05,
     ),
     "attention_entropy": MetricDef(
         "attention_entropy",
@@ -458,6 +495,8 @@ ATTENTION_METRICS: dict[str, MetricDef] = {
         tokens="patch queries, all keys (prefix keys included)",
         uses_prefix=True,
         source="Shannon entropy of attention rows (e.g. Zhai et al. 2023, attention entropy collapse)",
+        atol=1e-3,
+        rtol=0.01,
     ),
     "attention_entropy_normalised": MetricDef(
         "attention_entropy_normalised",
@@ -484,6 +523,8 @@ ATTENTION_METRICS: dict[str, MetricDef] = {
         inputs="rows",
         tokens="patch queries, patch keys (prefix keys excluded, row renormalised)",
         source="Dosovitskiy et al. 2021 (An image is worth 16x16 words), Fig. 7 mean attention distance",
+        atol=0.01,
+        rtol=0.01,
     ),
     "cross_layer_attention_similarity": MetricDef(
         "cross_layer_attention_similarity",

@@ -10,11 +10,14 @@ Both halves of the ``config.json`` format live here: :func:`model_config` writes
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import difflib
 import hashlib
 import json
-import pickle
 import sys
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +34,13 @@ __all__ = [
     "PRETRAINED_CFG_KEYS",
     "TRAIN_ONLY_ARGS",
     "LoadedModel",
+    "checkpoint_format",
     "load_model",
     "load_state_dict_file",
     "model_config",
+    "one_line_reason",
     "parse_model_args",
+    "parse_value",
     "resolve_data_config",
     "save_weights",
     "sha256_file",
@@ -43,7 +49,16 @@ __all__ = [
 ]
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "checkpoint-best.safetensors")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.bin",
+    "checkpoint-best.safetensors",
+    "checkpoint-last.safetensors",
+)
+"""A folder's weights, in order of preference (a finetune run: the best checkpoint, else the last)."""
+RUN_STATE = "train_state.pt"
+"""A finetune run's optimizer and progress state: never model weights."""
 STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
 """Keys a wrapped checkpoint may hold its weights under, in order of preference (EMA first, as in timm)."""
 TRAIN_ONLY_ARGS = ("drop_path_rate",)
@@ -97,54 +112,151 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def parse_value(text: str) -> Any:
+    """A ``--model-arg`` value: a Python literal (``64``, ``0.1``, ``(2, 2)``, ``[2, 2]``, ``True``, ``None``,
+    ``'x'``), JSON (``true``, ``null``), or else the text itself (``gelu``)."""
+    text = text.strip()
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+
+
 def parse_model_args(items: list[str] | None) -> dict[str, Any]:
-    """``['img_size=64', 'depth=4']`` -> ``{'img_size': 64, 'depth': 4}`` (values parsed as JSON when possible)."""
+    """``['img_size=64', 'depths=(2,2)', 'act_layer=gelu']`` -> ``{'img_size': 64, 'depths': (2, 2), 'act_layer':
+    'gelu'}``: each value a Python literal, JSON, or else the text (see :func:`parse_value`)."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--model-arg {item!r} is not KEY=VALUE (e.g. --model-arg img_size=64)")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UserError(
+                f"--model-arg {item!r} is not KEY=VALUE with a Python name as KEY "
+                "(e.g. --model-arg img_size=64 or --model-arg 'depths=(2,2)')"
+            )
+        out[key] = parse_value(value)
     return out
 
 
-def _is_pickle_error(exc: Exception) -> bool:
-    return isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc)
+def one_line_reason(exc: BaseException) -> str:
+    """The first line of an exception's message (its first sentence when long), or its type when it has none."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    first = lines[0]
+    if len(first) > 160 and ". " in first:
+        first = first.split(". ", 1)[0]
+    return first
+
+
+_MAGIC = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"\x93NUMPY", "a NumPy array file"),
+    (b"\x89HDF", "an HDF5 file"),
+)
+
+
+def checkpoint_format(path: Path) -> str:
+    """What a checkpoint file holds, judged from its bytes: ``'torch'`` (a ``torch.save`` zip), ``'pickle'`` (the
+    legacy ``torch.save`` format), ``'safetensors'``, ``'empty'``, or a description of anything else ("a PNG image",
+    "a zip archive without data.pkl", ...)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            return "a truncated or damaged zip archive"
+        return "torch" if any(n.endswith("data.pkl") for n in names) else "a zip archive without data.pkl"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors" if 8 + int.from_bytes(head[:8], "little") <= size else "a truncated safetensors file"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "JSON text"
+    try:
+        head.decode("ascii")
+    except UnicodeDecodeError:
+        return "unrecognised binary data"
+    return "text"
 
 
 def load_state_dict_file(path: Path, trust_checkpoint: bool = False) -> Any:
     """Read a checkpoint file safely: safetensors, or ``torch.load(weights_only=True)``.
 
-    A pickled whole model (or any arbitrary object) is refused unless ``trust_checkpoint``. Not timm's
-    ``load_state_dict``: that one returns only the unwrapped tensors, and ``load_model`` also needs the wrapper (its
-    ``arch``, which key held the weights) and a one-line error for a pickled checkpoint.
+    The file's bytes are checked first, so an empty file, another format behind the extension (a safetensors file
+    named ``.pth``, an image, JSON) or a damaged archive is one clear :class:`UserError`. A pickled whole model (or
+    any arbitrary object) is refused unless ``trust_checkpoint``. Not timm's ``load_state_dict``: that one returns
+    only the unwrapped tensors, and ``load_model`` also needs the wrapper (its ``arch``, which key held the weights).
     """
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; give a weights file, or a folder with config.json + weights")
+    kind = checkpoint_format(path)
+    if kind == "empty":
+        raise UserError(f"checkpoint {path} is empty (0 bytes); it was not written completely, save or copy it again")
+    if kind.startswith("a truncated"):
+        raise UserError(f"checkpoint {path} is {kind}; it was not written completely, save or copy it again")
     if path.suffix == ".safetensors":
+        if kind in ("torch", "pickle"):
+            raise UserError(f"checkpoint {path} was written by torch.save, not safetensors; rename it to .pth")
+        if kind != "safetensors":
+            raise UserError(f"checkpoint {path} is not a safetensors file (it looks like {kind})")
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:
-            raise UserError(f"cannot read safetensors file {path}: {e}") from e
+            raise UserError(f"cannot read safetensors file {path} (truncated or damaged?): {one_line_reason(e)}") from e
+    if kind == "safetensors":
+        renamed = path.with_suffix(".safetensors").name
+        raise UserError(f"checkpoint {path} is a safetensors file; rename it to {renamed}")
+    if kind not in ("torch", "pickle"):
+        raise UserError(
+            f"checkpoint {path} is not a PyTorch checkpoint (it looks like {kind}); expected the output of torch.save"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if not _is_pickle_error(e):
-            raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from e
+        if "weights_only" not in str(e):  # not the weights-only unpickler refusing a class: a damaged file
+            raise UserError(f"cannot read checkpoint {path} (truncated or damaged?): {one_line_reason(e)}") from e
         if not trust_checkpoint:
             raise UserError(
                 f"checkpoint {path} contains pickled Python objects (e.g. a whole model), which can run arbitrary "
                 "code when loaded; save a state_dict instead, or pass --trust-checkpoint if you trust its source"
             ) from e
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # the classes it names may be missing here, or the file may be damaged
+        raise UserError(f"cannot unpickle checkpoint {path}: {type(e).__name__}: {one_line_reason(e)}") from e
 
 
-def unwrap_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], str | None]:
+def _holds(obj: Any) -> str:
+    """What a checkpoint holds instead of a state dict, in a few words."""
+    if isinstance(obj, dict):
+        if not obj:
+            return "an empty dict"
+        bad = next((v for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
+        return f"a dict with {type(bad).__name__} values" if bad is not None else "a dict with non-text keys"
+    return f"a {type(obj).__name__}"
+
+
+def unwrap_state_dict(obj: Any, path: Path | str | None = None) -> tuple[dict[str, torch.Tensor], str | None]:
     """Find the tensor dict in a (possibly wrapped) checkpoint and strip ``module.`` / ``_orig_mod.`` prefixes
-    (timm's ``clean_state_dict``).
+    (timm's ``clean_state_dict``); ``path`` names the file in the error.
 
     Returns:
         The state dict and the wrapper key it came from (None for a plain state dict).
@@ -155,10 +267,14 @@ def unwrap_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], str | None]:
             if isinstance(obj.get(key), dict) and obj[key]:
                 obj, source = obj[key], key
                 break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
         raise UserError(
-            "checkpoint holds no state dict (expected tensors, or one under "
-            f"{', '.join(repr(k) for k in STATE_DICT_KEYS)})"
+            f"checkpoint{f' {path}' if path else ''} holds no state dict: it holds {_holds(obj)}; expected a dict of "
+            f"tensors, or one under {', '.join(repr(k) for k in STATE_DICT_KEYS)}"
         )
     return timm.models.clean_state_dict(obj), source
 
@@ -197,32 +313,146 @@ def model_config(loaded: LoadedModel, label_names: list[str], training: dict[str
     }
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(value: Any, n: tuple[int, ...], positive: bool = False) -> bool:
+    """A list of ``n`` numbers (each > 0 when ``positive``)."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) in n
+        and all(_is_number(x) and (x > 0 or not positive) for x in value)
+    )
+
+
+_CONFIG_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "architecture": (lambda v: isinstance(v, str) and bool(v.strip()), "a timm model name"),
+    "num_classes": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "model_args": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "an object of arguments"),
+    "pretrained_cfg": (lambda v: isinstance(v, dict), "an object (timm's pretrained_cfg)"),
+}
+"""The ``config.json`` entries :func:`load_model` reads: a check of each value and what it must be."""
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+"""The resampling names timm's eval transform accepts."""
+CROP_MODES = ("center", "squash", "border")
+
+_DATA_CFG_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "input_size": (
+        lambda v: _numbers(v, (3,), positive=True) and all(_is_int(x) for x in v),
+        "[channels, height, width] as positive whole numbers",
+    ),
+    "mean": (lambda v: _numbers(v, (1, 3)), "a list of 1 or 3 numbers"),
+    "std": (lambda v: _numbers(v, (1, 3), positive=True), "a list of 1 or 3 positive numbers"),
+    "crop_pct": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "interpolation": (lambda v: v in INTERPOLATIONS, f"one of {', '.join(INTERPOLATIONS)}"),
+    "crop_mode": (lambda v: v in CROP_MODES, f"one of {', '.join(CROP_MODES)}"),
+}
+"""The data-config entries of ``pretrained_cfg`` that the input pipeline uses, checked the same way."""
+
+
 def _read_config(path: Path) -> dict[str, Any]:
+    """A ``config.json``, its entries checked: one :class:`UserError` line naming the first wrong one."""
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from e
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or one_line_reason(e)}") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"{path} is not valid JSON: {one_line_reason(e)}") from e
     if not isinstance(cfg, dict):
-        raise UserError(f"{path} is not a JSON object")
+        raise UserError(f"{path} holds a JSON {type(cfg).__name__}, not an object with 'architecture' and the rest")
+    for key, (ok, want) in _CONFIG_TYPES.items():
+        if cfg.get(key) is not None and not ok(cfg[key]):
+            raise UserError(f"{path}: '{key}' must be {want}, got {json.dumps(cfg[key])[:60]}")
+    for key, (ok, want) in _DATA_CFG_TYPES.items():
+        value = (cfg.get("pretrained_cfg") or {}).get(key)
+        if value is not None and not ok(value):
+            raise UserError(f"{path}: 'pretrained_cfg.{key}' must be {want}, got {json.dumps(value)[:60]}")
     return cfg
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """The checkpoint files in a folder, without a finetune run's ``train_state.pt`` (optimizer state, no model)."""
+    return sorted(p for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.name != RUN_STATE)
+
+
 def _locate(spec: Path) -> tuple[Path, dict[str, Any]]:
-    """Weights file and config.json contents (empty when there is none) for a file or folder spec."""
-    if spec.is_dir():
-        cfg_path = spec / "config.json"
-        weights = next((spec / n for n in WEIGHT_FILES if (spec / n).is_file()), None)
-        if weights is None:
-            found = sorted(p for p in spec.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
-            if len(found) != 1:
-                raise UserError(
-                    f"folder {spec} has {'no' if not found else 'several'} weight files; expected one of "
-                    f"{', '.join(WEIGHT_FILES)} (or a single {'/'.join(CHECKPOINT_SUFFIXES)} file)"
-                )
-            weights = found[0]
-        return weights, _read_config(cfg_path) if cfg_path.is_file() else {}
-    sidecar = spec.parent / "config.json"
-    return spec, _read_config(sidecar) if sidecar.is_file() else {}
+    """Weights file and config.json contents (empty when there is none) for a file or folder spec.
+
+    A folder's weights are the first of :data:`WEIGHT_FILES` it holds (a finetune run: its best checkpoint, else its
+    last), else its only checkpoint file.
+    """
+    if not spec.is_dir():
+        sidecar = spec.parent / "config.json"
+        return spec, _read_config(sidecar) if sidecar.exists() else {}
+    cfg_path = spec / "config.json"
+    run = (spec / RUN_STATE).is_file()
+    weights = next((spec / n for n in WEIGHT_FILES if (spec / n).is_file()), None)
+    if weights is None:
+        found = _weight_files(spec)
+        if run and not found:
+            raise UserError(
+                f"finetune run folder {spec} has no checkpoint-best.safetensors or checkpoint-last.safetensors "
+                "(the run stopped before its first save); run it again"
+            )
+        if len(found) != 1:
+            listed = f" ({', '.join(p.name for p in found[:4])}{', ...' if len(found) > 4 else ''})" if found else ""
+            raise UserError(
+                f"folder {spec} has {'several' if found else 'no'} weight files{listed}; expected one of "
+                f"{', '.join(WEIGHT_FILES)}, or a single {'/'.join(CHECKPOINT_SUFFIXES)} file"
+                + ("; give the file itself as MODEL" if found else "")
+            )
+        weights = found[0]
+    if run and not cfg_path.is_file():
+        raise UserError(
+            f"finetune run folder {spec} has {weights.name} but no config.json (written by a version that saved it "
+            f"only after the first epoch); finish the run with `oversmooth finetune ... --resume {spec}`, or give "
+            f"{weights} with --arch and --model-arg"
+        )
+    return weights, _read_config(cfg_path) if cfg_path.exists() else {}
+
+
+def hub_unreachable(timeout: float = 4.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None when it answers: one request, no retries, ``timeout``
+    seconds at most (huggingface_hub itself retries for about a minute before it falls back to its cache)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as e:
+        return one_line_reason(e)
+    return None
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """huggingface_hub's offline mode for the block: downloads read the local cache only (timm's cache is used)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def offline_message(spec: str, reason: str) -> str:
+    from huggingface_hub import constants
+
+    return (
+        f"--pretrained: cannot download the weights of {spec}: the Hugging Face hub {constants.ENDPOINT} cannot be "
+        f"reached ({reason}) and they are not in the cache {constants.HF_HUB_CACHE}; connect once to download them, "
+        "or give a checkpoint file"
+    )
 
 
 def _check_name(name: str) -> None:
@@ -241,7 +471,7 @@ def _head_classes(state: dict[str, torch.Tensor], arch: str) -> int | None:
     names = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
     for n in names:
         for key in (f"{n}.weight", f"{n}.fc.weight", f"{n}.linear.weight"):
-            if key in state:
+            if key in state and state[key].ndim >= 1:
                 return int(state[key].shape[0])
     return 0 if cfg is not None else None
 
@@ -287,7 +517,10 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], strict: bool
             f"checkpoint keys do not fit {arch}: {'; '.join(parts)}; check --arch/--model-arg, "
             "or pass --no-strict to load what fits"
         )
-    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in mismatched}, strict=False)
+    try:
+        model.load_state_dict({k: v for k, v in state.items() if k in own and k not in mismatched}, strict=False)
+    except (RuntimeError, TypeError, ValueError) as e:  # e.g. a tensor of a dtype that cannot be copied
+        raise UserError(f"cannot load the checkpoint into {arch}: {one_line_reason(e)}") from e
     return report
 
 
@@ -322,10 +555,14 @@ def load_model(
         if ":" not in spec:
             _check_name(spec)
         kwargs = {k: v for k, v in {"num_classes": num_classes, **model_args}.items() if v is not None}
+        offline = hub_unreachable() if pretrained else None
         try:
-            model = timm.create_model(spec, pretrained=pretrained, **kwargs)
+            with hub_offline() if offline else contextlib.nullcontext():
+                model = timm.create_model(spec, pretrained=pretrained, **kwargs)
         except Exception as e:
-            raise UserError(f"cannot build {spec}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            if offline and isinstance(e, OSError):  # huggingface_hub: not in the cache (LocalEntryNotFoundError)
+                raise UserError(offline_message(spec, offline)) from e
+            raise UserError(f"cannot build {spec}: {one_line_reason(e)}") from e
         model.eval()
         return LoadedModel(model, spec, spec, resolve_data_config(model), model_args=model_args)
 
@@ -347,19 +584,21 @@ def load_model(
         raise UserError(
             f"no architecture for {path}: pass --arch NAME, or put a config.json with 'architecture' beside the weights"
         )
+    if not isinstance(arch, str):
+        raise UserError(f"checkpoint {weights} names its architecture as {arch!r}, not a timm model name; pass --arch")
     _check_name(arch)
-    state, source = unwrap_state_dict(obj)
+    state, source = unwrap_state_dict(obj, weights)
     report["state_dict_key"] = source
-    args = {**cfg.get("model_args", {}), **model_args}
+    args = {**(cfg.get("model_args") or {}), **model_args}
     if num_classes is None:
-        num_classes = cfg.get("num_classes", _head_classes(state, arch))
+        num_classes = cfg["num_classes"] if cfg.get("num_classes") is not None else _head_classes(state, arch)
     kwargs = {k: v for k, v in {"num_classes": num_classes, **args}.items() if v is not None}
     if cfg.get("pretrained_cfg"):
         kwargs["pretrained_cfg_overlay"] = cfg["pretrained_cfg"]
     try:
         model = timm.create_model(arch, pretrained=False, **kwargs)
     except Exception as e:
-        raise UserError(f"cannot build {arch} with {args}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"cannot build {arch} with {args}: {one_line_reason(e)}") from e
     report.update(_load_weights(model, state, strict, arch))
     model.eval()
     return LoadedModel(

@@ -38,7 +38,9 @@ __all__ = [
     "metric_panels",
     "plot_curves",
     "plot_head_heatmap",
+    "plot_monitor_heatmap",
     "plot_training",
+    "read_definitions",
     "read_layers",
     "save_figure",
     "stage_boundaries",
@@ -199,8 +201,13 @@ class Run:
 
     @property
     def metrics_version(self) -> str | None:
-        v = (self.summary or {}).get("metrics_version")
+        v = (self.summary or {}).get("metrics_version", self.definitions.get("metrics_version"))
         return None if v is None else str(v)
+
+    @property
+    def definitions(self) -> dict[str, Any]:
+        """What the numbers mean (``summary.json``'s ``definitions``; see :func:`read_definitions`)."""
+        return read_definitions(self.summary)
 
     @property
     def name(self) -> str:
@@ -225,6 +232,58 @@ class Run:
     @property
     def n_images(self) -> int:
         return int(self.layers["n_images"].max()) if len(self.layers) else 0
+
+
+DEFINITION_KEYS = ("metrics_version", "include_prefix", "metrics", "input_size", "n_tokens", "images")
+"""The compared entries of ``summary.json``'s ``definitions`` (``attention_tap`` is recorded, not compared)."""
+METRIC_DEFINITION_KEYS = ("definition", "tokens", "prefix_included", "layers")
+"""The compared entries of one metric's definition."""
+
+
+def read_definitions(summary: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``definitions`` block of a ``summary.json``: what two runs must share for their numbers to compare.
+
+    A summary written before the block existed gives what it recorded elsewhere (``metrics_version``,
+    ``run.include_prefix``, ``metrics``, ``data_config.input_size``, ``layer_info``), without ``images``; no summary
+    gives ``{}``. Entries of the wrong type are left out, so they read as not recorded.
+    """
+    if not isinstance(summary, Mapping):
+        return {}
+    block = summary.get("definitions")
+    if isinstance(block, Mapping):
+        raw = dict(block)
+    else:
+        run = summary.get("run") if isinstance(summary.get("run"), Mapping) else {}
+        data_config = summary.get("data_config") if isinstance(summary.get("data_config"), Mapping) else {}
+        info = summary.get("layer_info")
+        raw = {
+            "metrics_version": summary.get("metrics_version"),
+            "include_prefix": run.get("include_prefix"),
+            "metrics": summary.get("metrics"),
+            "input_size": data_config.get("input_size"),
+            "n_tokens": [x.get("n_tokens") for x in info if isinstance(x, Mapping)] if isinstance(info, list) else None,
+        }
+    out: dict[str, Any] = {}
+    if raw.get("metrics_version") is not None:
+        out["metrics_version"] = str(raw["metrics_version"])
+    if isinstance(raw.get("include_prefix"), bool):
+        out["include_prefix"] = raw["include_prefix"]
+    if isinstance(raw.get("metrics"), Mapping):
+        out["metrics"] = {
+            str(name): {k: d[k] for k in METRIC_DEFINITION_KEYS if k in d}
+            for name, d in raw["metrics"].items()
+            if isinstance(d, Mapping) and d.get("measured", True) is not False
+        }
+    if isinstance(raw.get("input_size"), list):
+        out["input_size"] = list(raw["input_size"])
+    if isinstance(raw.get("n_tokens"), list):
+        out["n_tokens"] = list(raw["n_tokens"])
+    images = raw.get("images")
+    if isinstance(images, Mapping) and isinstance(images.get("sha256"), str) and isinstance(images.get("count"), int):
+        out["images"] = {"count": images["count"], "sha256": images["sha256"], "relative_to": images.get("relative_to")}
+    if "attention_tap" in raw:
+        out["attention_tap"] = raw["attention_tap"]
+    return out
 
 
 def _read_summary(path: Path) -> dict[str, Any] | None:
@@ -253,11 +312,15 @@ def load_run(source: str | Path) -> Run:
         df = read_layers(csv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {csv} as a layers.csv: {str(e).splitlines()[0]}") from e
+    if df.empty:
+        raise UserError(f"{csv} has no rows; measure the run again with `oversmooth measure`")
     df = df.copy()
     for col in ("layer", "mean", "std", "n_images"):
         converted = pd.to_numeric(df[col], errors="coerce")
-        if converted.isna().any() and col in ("layer", "n_images"):
-            raise UserError(f"{csv}: column {col} holds non-numbers; is it a layers.csv from oversmooth?")
+        junk = converted.isna() & (df[col].notna() if col in ("mean", "std") else True)  # an undefined mean is NaN
+        if junk.any():
+            bad = df[col][junk].iloc[0]
+            raise UserError(f"{csv}: column {col} holds non-numbers ({bad!r}); is it a layers.csv from oversmooth?")
         df[col] = converted
     df["layer"] = df["layer"].astype(int)
     df["metric"] = df["metric"].astype(str)
@@ -360,6 +423,49 @@ def plot_head_heatmap(heads: pd.DataFrame, metric: str, title: str | None = None
     fig.colorbar(image, ax=ax, label=label)
     ax.set_title(f"{label}: mean over images per head" if title is None else f"{title}\n{label} per head", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_monitor_heatmap(
+    history: pd.DataFrame, metrics: Sequence[str] | None = None, title: str | None = None
+) -> plt.Figure:
+    """Layer x training-step heatmap of each metric's mean over the probe images (a monitor's history).
+
+    Args:
+        history: :data:`~oversmooth_cli.monitor.MONITOR_COLUMNS` rows (``monitor.csv``).
+        metrics: the panels, in order (default: ``token_cosine`` and ``attention_std`` when measured, else every
+            metric of the history); metrics the history lacks are left out.
+        title: figure title.
+
+    Raises:
+        ValueError: ``history`` has no rows for any of ``metrics``.
+    """
+    present = metric_order(history["metric"].unique())
+    wanted = metrics or [m for m in ("token_cosine", "attention_std") if m in present] or present
+    shown = [m for m in wanted if m in present]
+    if not shown:
+        raise ValueError(f"the history has no rows for {', '.join(wanted) or 'any metric'}")
+    fig, axes = metric_panels(shown, xlabel="training step", integer_x=True, panel_size=(6.0, 4.0))
+    for ax, metric in zip(axes, shown, strict=True):
+        grid = history[history["metric"] == metric].pivot_table(
+            index="layer", columns="step", values="mean", aggfunc="first"
+        )
+        steps, layers = grid.columns.to_numpy(dtype=float), grid.index.to_numpy(dtype=float)
+        mids = (steps[1:] + steps[:-1]) / 2
+        half = (steps[-1] - steps[0]) / (2 * (len(steps) - 1)) if len(steps) > 1 else 0.5
+        x_edges = [steps[0] - half, *mids, steps[-1] + half]
+        y_edges = [*(layers - 0.5), layers[-1] + 0.5]
+        mesh = ax.pcolormesh(x_edges, y_edges, grid.to_numpy(dtype=float), cmap="viridis", shading="flat")
+        for boundary in stage_boundaries(history[history["metric"] == metric]):
+            ax.axhline(boundary, color="white", lw=0.9, ls="--")
+        if len(steps) <= 12:
+            ax.set_xticks(steps)
+        ax.set_ylabel("layer (0 = block input)")
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.grid(False)
+        fig.colorbar(mesh, ax=ax, label=f"{metric_label(metric)} (mean over probe)")
+    if title:
+        fig.suptitle(title, fontsize=11)
     return fig
 
 

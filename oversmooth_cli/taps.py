@@ -41,6 +41,7 @@ __all__ = [
     "AUTO_TAP",
     "TAPS",
     "AttentionTap",
+    "CascadedHeadsTap",
     "InterceptTap",
     "QKNormTap",
     "TapSink",
@@ -134,8 +135,9 @@ def _sdpa_call(args: tuple, kwargs: dict) -> dict[str, Any]:
 def inline_inputs(args: tuple, kwargs: dict, heads: int, heads_dim: int = -3) -> tuple | None:
     """``q, k, v, scale, bias`` (heads first, as :func:`sdpa_inputs`) of an SDPA call the ``inline`` tap can answer
     itself, else ``None``. Left to run as they are: calls with dropout, calls that build an autograd graph (the
-    capture computes without gradients), key heads that are not the query heads (unless ``enable_gqa`` and they
-    divide them), and boolean masks that hide every key of some query (SDPA's own convention decides those rows)."""
+    capture computes without gradients), key heads that are not the query heads (unless one key head serves them all,
+    multi-query attention's broadcast, or ``enable_gqa`` and they divide them), and boolean masks that hide every
+    key of some query (SDPA's own convention decides those rows)."""
     call = _sdpa_call(args, kwargs)
     q, k, v, mask = call["query"], call["key"], call["value"], call.get("attn_mask")
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -144,7 +146,8 @@ def inline_inputs(args: tuple, kwargs: dict, heads: int, heads_dim: int = -3) ->
     if mask is not None and mask.dtype == torch.bool and not bool(mask.any(dim=-1).all()):
         return None
     hq, hk = (q.shape[heads_dim], k.shape[heads_dim]) if q.dim() >= 4 else (q.shape[0], k.shape[0])
-    if hk != hq and (q.dim() < 4 or not call.get("enable_gqa") or hq % hk):
+    shared = q.dim() >= 4 and (hk == 1 or (call.get("enable_gqa") and hq % hk == 0))  # broadcast / grouped keys
+    if hk != hq and not shared:
         return None
     q4, k4, scale, bias = sdpa_inputs(args, kwargs, heads, heads_dim)
     v4 = _heads_first(v, heads, heads_dim)
@@ -160,7 +163,12 @@ def _sdpa_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def _heads_first_inverse(out: torch.Tensor, like: torch.Tensor, heads_dim: int = -3) -> torch.Tensor:
-    """``(B', H, T, dv)`` -> the layout SDPA gives for queries shaped like ``like`` (undoes :func:`_heads_first`)."""
+    """``(B', H, T, dv)`` -> the layout SDPA gives for queries shaped like ``like`` (undoes :func:`_heads_first`).
+
+    Heads-first 4-D queries get ``out`` as it is: the capture lays it out token-major in memory, as SDPA's fused CPU
+    kernel does, so the usual ``transpose(1, 2).reshape(B, T, C)`` that follows costs no copy."""
+    if like.dim() == 4 and heads_dim in (1, -3):
+        return out
     if like.dim() >= 4:
         moved = like.movedim(heads_dim, -3).shape
         return out.reshape(*moved[:-1], out.shape[-1]).movedim(-3, heads_dim).contiguous()
@@ -364,7 +372,56 @@ class WeightsTap(AttentionTap):
         return [hook], undo
 
 
+class _CollectSoftmax(TorchFunctionMode):
+    """Keeps every softmax output computed while active."""
+
+    def __init__(self, maps: list[torch.Tensor]):
+        super().__init__()
+        self.maps = maps
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _SOFTMAX:
+            self.maps.append(out)
+        return out
+
+
+class CascadedHeadsTap(AttentionTap):
+    """Cascaded group attention (EfficientViT-MSRA): the module computes one softmax per head, one head after the
+    other (each head's input is its channel split plus the previous head's output), with no fused path. Every softmax
+    of one forward is kept and the maps are reported together as the heads, ``(B', H, T, S)``, when the module
+    returns; every mode reads these probabilities."""
+
+    name = "cascaded"
+
+    def install(self, attn: nn.Module, mode: str, sink: TapSink, heads_dim: int = -3) -> tuple[list, Undo]:
+        maps: list[torch.Tensor] = []
+        active: list[_CollectSoftmax] = []
+
+        def enter(_m, _args):
+            maps.clear()
+            active.append(_CollectSoftmax(maps))
+            active[-1].__enter__()
+
+        def leave(_m, _args, _out):
+            if active:
+                active.pop().__exit__(None, None, None)
+            if maps and _out is not None:  # None: the forward failed (the mode is left all the same)
+                sink.probs(torch.stack(maps, dim=1))
+            maps.clear()
+
+        hooks = [attn.register_forward_pre_hook(enter), attn.register_forward_hook(leave, always_call=True)]
+        return hooks, lambda: None
+
+
 TAPS: dict[str, AttentionTap] = {
-    t.name: t for t in (QKNormTap(), InterceptTap(), WeightsTap("attn_drop"), WeightsTap("talking_head2", True))
+    t.name: t
+    for t in (
+        QKNormTap(),
+        InterceptTap(),
+        WeightsTap("attn_drop"),
+        WeightsTap("talking_head2", True),
+        CascadedHeadsTap(),
+    )
 }
 """Tap name (a :class:`~oversmooth_cli.adapters.Group`'s ``tap``) -> tap."""

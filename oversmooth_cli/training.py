@@ -38,7 +38,7 @@ from .errors import UserError
 from .finetune_config import FinetuneConfig
 from .losses import LOSS_TERMS, PatchDiversificationLoss, patch_cutmix, smooth_one_hot
 from .metrics import to_float, token_cosine
-from .models import load_state_dict_file, save_weights, weights_meta
+from .models import load_state_dict_file, one_line_reason, save_weights, weights_meta
 from .report import atomic_write, write_json
 
 __all__ = [
@@ -68,7 +68,8 @@ HISTORY_COLUMNS = [
     "cons_sim",
     "seconds",
 ]
-"""history.csv: one row per epoch; losses are unweighted means over training images, accuracies in percent."""
+"""history.csv: one row per epoch; losses are unweighted means over training images, accuracies in percent. Row 0 is
+the validation before the first step (its ``lr`` and training columns empty; :meth:`Trainer.record_start`)."""
 SUM_KEYS = ("total", "ce", *TERM_NAMES)
 """The entries of :attr:`Progress.sums` after the image count."""
 TRAIN_STATE_FORMAT = 1
@@ -182,7 +183,8 @@ class Trainer:
         device: where the model runs.
         num_classes: classes of the labels.
         steps_per_epoch: optimizer steps per epoch on this rank.
-        patch: ``((patch_h, patch_w), n_patches)`` of the model (needed by patch CutMix and ``l_token``).
+        patch: ``((rows, cols), n_tokens)``: the grid and count of the tokens the loss terms read (the last token
+            layer's, :class:`~oversmooth_cli.losses.TokenPlan`); patch CutMix snaps to it and ``l_token`` scores it.
         out: the run folder (written on rank 0 only).
         run_record: the options that must match to ``--resume`` (saved in ``train_state.pt``).
         model_config: the ``config.json`` written next to the best checkpoint (:func:`~.models.model_config`).
@@ -225,7 +227,7 @@ class Trainer:
         targets = smooth_one_hot(y, self.num_classes, cfg.label_smoothing)
         if cfg.use_cutmix and self.mix_rng.random() < cfg.cutmix_prob:
             x, targets, patch_targets, _ = patch_cutmix(
-                x, targets, self.patch, cfg.cutmix_alpha, self.mix_rng, cfg.cutmix_snap
+                x, targets, None, cfg.cutmix_alpha, self.mix_rng, cfg.cutmix_snap, grid=self.patch
             )
             return x, targets, patch_targets
         if "token" in cfg.losses:
@@ -323,6 +325,31 @@ class Trainer:
             "val_token_cosine": cos / n,
         }
 
+    def record_start(self, val_loader: DataLoader) -> dict[str, Any] | None:
+        """The epoch-0 row: validation loss, top-1, top-5 and last-layer token cosine before the first step, added to
+        the history once per run (``None`` when the run already has it or has trained: a resumed run).
+
+        Its training columns and ``lr`` are empty; it never counts as the best epoch (``checkpoint-best`` is always a
+        trained model). The evaluation draws no random numbers, so training after it is unchanged.
+        """
+        p = self.progress
+        if p.history or p.global_step:
+            return None
+        started = time.perf_counter()
+        metrics = self.evaluate(val_loader)
+        row = {
+            "epoch": 0,
+            "lr": math.nan,
+            "train_loss": math.nan,
+            "train_ce": math.nan,
+            **{f"train_{t}": math.nan for t in TERM_NAMES},
+            **metrics,
+            "cons_sim": self.cfg.cons_sim,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        p.history.append(row)
+        return row
+
     def _epoch_loader(self, train_set: LabelledImages, workers: int) -> DataLoader:
         """This rank's batches of the running epoch (reseeding everything first when the epoch starts afresh)."""
         cfg, p, rank = self.cfg, self.progress, D.rank()
@@ -418,21 +445,23 @@ class Trainer:
         return pd.DataFrame(self.progress.history, columns=HISTORY_COLUMNS)
 
     def _save_best(self, best: bool) -> None:
-        """checkpoint-best (when this epoch is the best so far) and config.json, before train_state.pt records it."""
+        """checkpoint-best (when this epoch is the best so far), before train_state.pt records it."""
         if not D.is_main():
             return
         if best:
             p = self.progress
             meta = {"epoch": p.epoch, "global_step": p.global_step, "val_top1": p.best_top1}
             save_weights(self.out / "checkpoint-best.safetensors", self.model, meta)
-        write_json(self.out / "config.json", self.model_config)
 
     def save(self) -> None:
-        """Write checkpoint-last (weights) then train_state.pt (everything else) on rank 0; collective over ranks."""
+        """Write config.json, checkpoint-last (weights) then train_state.pt (everything else) on rank 0; collective
+        over ranks. Every save leaves a folder ``measure`` loads and ``--resume`` continues, also one made by a
+        Ctrl-C in the first epoch."""
         p = self.progress
         per_rank = D.all_gather_objects({"rng": D.rng_state(self.mix_rng), "sums": p.sums.clone()})
         if not D.is_main():
             return
+        write_json(self.out / "config.json", self.model_config)
         meta = {"epoch": p.epoch, "step_in_epoch": p.step, "global_step": p.global_step}
         save_weights(self.out / "checkpoint-last.safetensors", self.model, meta)
         state = {
@@ -489,14 +518,17 @@ def load_train_state(out: Path) -> dict[str, Any]:
         raise UserError(f"--resume {out}: no train_state.pt there (not a finetune run folder, or never checkpointed)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"--resume {out}: cannot read train_state.pt: {str(e).splitlines()[0]}") from e
-    if state.get("format") != TRAIN_STATE_FORMAT:
-        raise UserError(
-            f"--resume {out}: train_state.pt has format {state.get('format')}, expected {TRAIN_STATE_FORMAT}"
-        )
+    except Exception as e:  # empty, truncated or not a torch file
+        raise UserError(f"--resume {out}: cannot read train_state.pt (damaged?): {one_line_reason(e)}") from e
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else f"none (it holds a {type(state).__name__})"
+        raise UserError(f"--resume {out}: train_state.pt has format {found}, expected {TRAIN_STATE_FORMAT}")
     weights = out / "checkpoint-last.safetensors"
-    if not weights.is_file() or weights_meta(weights).get("global_step") != str(state["global_step"]):
+    try:
+        saved_step = weights_meta(weights).get("global_step") if weights.is_file() else None
+    except Exception as e:  # a damaged safetensors header
+        raise UserError(f"--resume {out}: cannot read checkpoint-last.safetensors: {one_line_reason(e)}") from e
+    if saved_step is None or saved_step != str(state.get("global_step")):
         raise UserError(f"--resume {out}: checkpoint-last.safetensors is missing or does not match train_state.pt")
     return state
 

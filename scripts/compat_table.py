@@ -1,14 +1,21 @@
 """Build ``docs/compatibility.md`` by measuring one small random-weight model of every timm attention family.
 
-Every family registered in :mod:`oversmooth_cli.adapters` (supported or not) is built from the recipe below (random
-weights, a small image size, one to two blocks per stage) and run through :func:`oversmooth_cli.measure.measure` on
-the CPU with two real photos. The table reports what was actually measured: layers, stages, and at how many layers
-each kind of metric has values; a family that fails is listed with its error.
+The families are timm's own model modules (``timm.list_modules()``: one file of ``timm/models`` per family) whose
+models contain attention (:func:`attention_modules`, the rule is :func:`has_attention`): every registered model of a
+module is built on the ``meta`` device (no memory, no weights) until one holds an attention module. That list is the
+"M" of "N of M"; it takes minutes to derive, so it is kept in ``docs/attention_modules.json`` for the installed timm
+version and derived again when the version changes (or with ``--rescan``).
+
+Every family with an adapter in :mod:`oversmooth_cli.adapters` is built from the recipe below (random weights, a small
+image size, one to two blocks per stage) and run through :func:`oversmooth_cli.measure.measure` on the CPU with two
+real photos. The table reports what was actually measured: layers, stages, and at how many layers each kind of metric
+has values; every other attention family is listed with the reason it is not measured (``UNSUPPORTED``).
 
 Usage::
 
     python scripts/compat_table.py                 # writes docs/compatibility.md
     python scripts/compat_table.py --check         # exit 1 when docs/compatibility.md is out of date
+    python scripts/compat_table.py --rescan        # derive the attention families again, then write
     python scripts/compat_table.py --family swin_transformer --family eva   # print those rows only
 
 The recipes (:data:`SMALL_MODELS`) are also what ``tests/test_families.py`` runs.
@@ -17,7 +24,10 @@ The recipes (:data:`SMALL_MODELS`) are also what ``tests/test_families.py`` runs
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +39,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "compatibility.md"
+ATTENTION_MODULES = REPO / "docs" / "attention_modules.json"
 PHOTOS = REPO / "examples" / "photos"
 
 
@@ -123,6 +134,53 @@ def _botnet(**kw: Any) -> nn.Module:
         self_attn_layer="bottleneck",
     )
     return ByobNet(cfg, img_size=64, **kw)
+
+
+def _mobilenetv4_hybrid(**kw: Any) -> nn.Module:
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.mobilenetv3 import MobileNetV3
+
+    arch = [  # mobilenetv4_hybrid_medium's block kinds, 1-5 blocks per stage; a stage ends with a conv block
+        ["er_r1_k3_s2_e2_c16"],
+        ["uir_r1_a3_k3_s2_e2_c24"],
+        [
+            "uir_r1_a3_k3_s2_e2_c32",
+            "mqa_r1_k3_h2_s1_v2_d8_c32",
+            "uir_r1_a3_k0_s1_e2_c32",
+            "mqa_r1_k3_h2_s1_d8_c32",
+            "uir_r1_a0_k0_s1_e2_c32",
+        ],
+    ]
+    return MobileNetV3(
+        block_args=decode_arch_def(arch),
+        stem_size=16,
+        num_features=64,
+        head_norm=True,
+        layer_scale_init_value=1e-5,
+        **kw,
+    )
+
+
+def _mobilenetv5(**kw: Any) -> nn.Module:
+    from timm.layers import RmsNorm2d
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.mobilenetv5 import MobileNetV5
+
+    arch = [  # mobilenetv5_300m's block kinds, 1-3 blocks per stage
+        ["er_r1_k3_s2_e2_c16"],
+        ["uir_r1_a3_k3_s2_e2_c24"],
+        ["uir_r1_a3_k3_s2_e2_c32", "mqa_r1_k3_h2_s2_d8_c32", "uir_r1_a0_k0_s1_e2_c32"],
+        ["uir_r1_a3_k3_s2_e2_c48", "mqa_r1_k3_h2_s1_d8_c48", "uir_r1_a0_k0_s1_e2_c48"],
+    ]
+    return MobileNetV5(
+        block_args=decode_arch_def(arch),
+        stem_size=16,
+        num_features=64,
+        msfa_output_resolution=4,
+        norm_layer=RmsNorm2d,
+        layer_scale_init_value=1e-5,
+        **kw,
+    )
 
 
 SMALL_MODELS: dict[str, SmallModel] = {
@@ -262,6 +320,30 @@ SMALL_MODELS: dict[str, SmallModel] = {
         {"img_size": 64, "init_channels": 8, "embed_dim": 32, "depth": (1, 1, 1), "num_heads": 2, "group": 2},
         64,
     ),
+    "mobilenetv3": SmallModel(
+        "mobilenetv4_hybrid_medium",
+        img_size=128,
+        build=_mobilenetv4_hybrid,
+        build_note="MobileNetV4 hybrid: 3 stages, 2 multi-query attention blocks, 16-32 channels",
+    ),
+    "mobilenetv5": SmallModel(
+        "mobilenetv5_300m",
+        img_size=128,
+        build=_mobilenetv5,
+        build_note="4 stages, 2 multi-query attention blocks, 16-48 channels",
+    ),
+    "efficientvit_msra": SmallModel(
+        "efficientvit_m0",
+        {
+            "img_size": 128,
+            "embed_dim": (16, 32, 48),
+            "key_dim": (8, 8, 8),
+            "depth": (1, 1, 1),
+            "num_heads": (2, 2, 2),
+            "window_size": (4, 4, 4),
+        },
+        128,
+    ),
 }
 """timm family -> a small model of it (what the table and ``tests/test_families.py`` run)."""
 
@@ -278,6 +360,8 @@ class FamilyResult:
     token_layers: int = 0
     attention_layers: int = 0
     note: str = ""
+    finetunes: tuple[str, ...] = ()  # the --loss terms one real optimizer step ran with
+    refused: tuple[tuple[str, str], ...] = ()  # (term, why) for the others
 
 
 def _photos(n: int = 2) -> list[Path]:
@@ -296,8 +380,10 @@ def measure_family(family: str, images: list[Path]) -> FamilyResult:
 
     recipe = SMALL_MODELS.get(family)
     if recipe is None:
-        reason = UNSUPPORTED.get(family, "no small model recipe in scripts/compat_table.py")
-        return FamilyResult(family, "not measured", note=reason)
+        reason = UNSUPPORTED.get(family, "no adapter and no reason recorded in oversmooth_cli/families.py UNSUPPORTED")
+        found = attention_modules().get(family)
+        model = f"`{found['model']}` ({', '.join(found['classes'])})" if found else ""
+        return FamilyResult(family, "not measured", model, note=reason)
     model = recipe.create()
     config = {**resolve_data_config(model), "input_size": (3, recipe.img_size, recipe.img_size), "crop_pct": 1.0}
     loaded = LoadedModel(model, recipe.arch, recipe.arch, config)
@@ -322,6 +408,69 @@ def measure_family(family: str, images: list[Path]) -> FamilyResult:
     )
 
 
+def finetune_family(family: str, images: list[Path]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """One real optimizer step of ``finetune``'s training code per loss term on the family's small model.
+
+    The model gets a 2-class head (``reset_classifier``, as ``finetune`` does); the two photos are labelled 0 and 1;
+    the step is :meth:`~oversmooth_cli.training.Trainer.train_window` with that term alone (patch CutMix on for
+    ``token``, on the grid of the tokens the loss reads). A term passes when the step runs, every value is finite and
+    the weights move; a term the family cannot run is refused by the loss with its reason.
+
+    Returns:
+        ``(terms that fine-tune it, ((term, why), ...) for the others)``.
+    """
+    import tempfile
+
+    from oversmooth_cli.data import build_transform, load_rgb
+    from oversmooth_cli.errors import UserError
+    from oversmooth_cli.finetune_config import FinetuneConfig
+    from oversmooth_cli.losses import LOSS_TERMS, PatchDiversificationLoss
+    from oversmooth_cli.models import resolve_data_config
+    from oversmooth_cli.training import StopRequest, Trainer
+
+    recipe = SMALL_MODELS[family]
+    passed, refused = [], []
+    for term in LOSS_TERMS:
+        model = recipe.create()
+        model.reset_classifier(2)
+        size = (3, recipe.img_size, recipe.img_size)
+        config = {**resolve_data_config(model), "input_size": size, "crop_pct": 1.0}
+        x = torch.stack([build_transform(config)(load_rgb(p)) for p in images])
+        try:
+            criterion = PatchDiversificationLoss(model, (term,), input_size=size)
+        except UserError as e:
+            refused.append((term, str(e).split("): ", 1)[-1]))
+            continue
+        plan = criterion.plan
+        cfg = FinetuneConfig(losses=(term,), epochs=1, batch_size=len(images), cutmix_prob=1.0, drop_path=0.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = Trainer(
+                cfg,
+                model.train(),
+                criterion,
+                device=torch.device("cpu"),
+                num_classes=2,
+                steps_per_epoch=1,
+                patch=(plan.h_grid, plan.h_shape[0]),
+                out=Path(tmp),
+                run_record={},
+                model_config={},
+            )
+            try:
+                with StopRequest() as stop:
+                    trainer.train_window([(x, torch.tensor([0, 1]))], stop)
+            except UserError as e:
+                refused.append((term, f"one step failed: {e}"))
+                continue
+        moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        if moved:
+            passed.append(term)
+        else:
+            refused.append((term, "one step left every weight unchanged"))
+    return tuple(passed), tuple(refused)
+
+
 def render(results: Iterable[FamilyResult]) -> str:
     """The Markdown page: a summary line, the measured families, then every family not measured with the reason."""
     results = list(results)
@@ -336,51 +485,142 @@ def render(results: Iterable[FamilyResult]) -> str:
         f"{torch.__version__.split('+')[0]}). Each row is a real run: one small random-weight model of the family "
         "through `oversmooth measure`'s code on the CPU, two photos from `examples/photos`.",
         "",
+        "*Families* are timm's model modules (`timm.list_modules()`, one file of `timm/models` each) whose models "
+        "contain attention: every registered model of a module is built on the `meta` device until one holds a module "
+        "whose class is named like attention (`*Attention*`, `*Attn*`, or MHSA, GPSA, SHSA, SHMA, XCA, LiteMLA, "
+        "LambdaLayer), channel and spatial gates of `timm.layers` (squeeze-excite, ECA, CBAM, gather-excite, global "
+        "context, selective kernel, split attention) excepted (`has_attention` in `scripts/compat_table.py`; the "
+        "result is kept in `docs/attention_modules.json`). Modules without such a model (convolutional networks, MLP "
+        "mixers, state-space models...) are outside the tool's scope: `oversmooth measure` refuses their models with "
+        "a one-line error naming the family.",
+        "",
         "A *layer* is one block in execution order across stages (layer 0 is the input of the first block). "
         "*Token layers*: layers with token metrics (`token_cosine`...); *attention layers*: layers with attention "
         "metrics (`attention_std`...). `layers.csv` gives each layer's `stage` and `n_tokens` (patch tokens).",
         "",
-        "| family | small model measured | layers | stages | token layers | attention layers | notes |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "*Fine-tunes with*: the `oversmooth finetune --loss` terms that ran one real optimizer step of `finetune`'s "
+        "training code (`Trainer.train_window`, that term alone, patch CutMix on for `token`) on the same small model "
+        "with a 2-class head and the two photos labelled 0 and 1: finite values, weights moved. The terms a family "
+        "cannot run are refused with a one-line reason, listed under *Fine-tuning refusals*.",
+        "",
+        "| family | small model measured | layers | stages | token layers | attention layers | fine-tunes with "
+        "| notes |",
+        "|---|---|---:|---:|---:|---:|---|---|",
     ]
     for r in measured:
+        tunes = ", ".join(r.finetunes) or "-"
         lines.append(
-            f"| {r.family} | {r.model} | {r.layers} | {r.stages} | {r.token_layers} | {r.attention_layers} | {r.note} |"
+            f"| {r.family} | {r.model} | {r.layers} | {r.stages} | {r.token_layers} | {r.attention_layers} | "
+            f"{tunes} | {r.note} |"
         )
+    refusals = [(r.family, term, why) for r in measured for term, why in r.refused]
+    lines += ["", "## Fine-tuning refusals", ""]
+    if refusals:
+        lines += ["| family | term | reason |", "|---|---|---|"]
+        lines += [f"| {family} | {term} | {why} |" for family, term, why in refusals]
+    else:
+        lines.append("Every measured family fine-tunes with every term.")
     lines += ["", "## Not measured", ""]
     if missing:
-        lines += ["| family | reason |", "|---|---|"] + [f"| {r.family} | {r.note} |" for r in missing]
+        lines += ["| family | attention found in | reason |", "|---|---|---|"]
+        lines += [f"| {r.family} | {r.model} | {r.note} |" for r in missing]
     else:
         lines.append("Every attention family above is measured.")
-    lines += [
-        "",
-        "Families without softmax self-attention (convolutional networks, MLP mixers, state-space models...) are "
-        "outside the tool's scope: `oversmooth measure` refuses them with a one-line error naming the family.",
-        "",
-    ]
+    lines.append("")
     return "\n".join(lines)
 
 
-def families() -> list[str]:
-    """Every family the registry knows: measured ones first, in registry order, then the unsupported ones."""
-    from oversmooth_cli.adapters import ADAPTERS, UNSUPPORTED
+ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
+"""Class names of attention modules: timm names them ``*Attention*`` / ``*Attn*`` ..."""
+ATTENTION_ACRONYMS = frozenset({"MHSA", "GPSA", "SHSA", "SHMA", "XCA", "LiteMLA", "LambdaLayer"})
+"""... or by an acronym: multi-head / gated positional / single-head self-attention (ConViT, SHViT), single-head
+modulation attention (iFormer), cross-covariance attention (XCiT), lite multi-scale linear attention (EfficientViT-MiT),
+lambda layers."""
+CHANNEL_GATES = frozenset(
+    f"timm.layers.{m}"
+    for m in ("squeeze_excite", "eca", "cbam", "gather_excite", "global_context", "selective_kernel", "split_attn")
+)
+"""``timm.layers`` modules of channel and spatial gates named like attention (CBAM's ``ChannelAttn``, ResNeSt's
+``SplitAttn``, SKNet's ``SelectiveKernelAttn``...): they weight channels or pixels, they do not attend between
+tokens."""
 
-    return list(dict.fromkeys([*ADAPTERS, *UNSUPPORTED]))
+
+def has_attention(model: nn.Module) -> list[str]:
+    """The attention module classes in ``model`` (empty: none): classes named like attention
+    (:data:`ATTENTION_NAME`, :data:`ATTENTION_ACRONYMS`), channel / spatial gates (:data:`CHANNEL_GATES`) excepted."""
+    classes = {type(m) for m in model.modules()}
+    return sorted(
+        c.__name__
+        for c in classes
+        if (ATTENTION_NAME.search(c.__name__) or c.__name__ in ATTENTION_ACRONYMS) and c.__module__ not in CHANNEL_GATES
+    )
+
+
+def first_attention_model(module: str) -> tuple[str, list[str]] | None:
+    """The first model registered in ``timm.models.<module>`` (timm's order) that holds attention, with its attention
+    classes; ``None`` when none does. Models are built on the ``meta`` device; one that cannot be built is skipped."""
+    for name in timm.list_models(module=module):
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                model = timm.create_model(name, pretrained=False)
+        except Exception:  # a model that does not build on meta says nothing about the others
+            continue
+        found = has_attention(model)
+        if found:
+            return name, found
+    return None
+
+
+def attention_modules(rescan: bool = False) -> dict[str, dict[str, Any]]:
+    """``{module: {"model": first model with attention, "classes": its attention classes}}`` for every timm model
+    module whose models hold attention, in timm's order: read from ``docs/attention_modules.json`` when it was derived
+    for the installed timm version (and not ``rescan``), else derived (minutes) and written there."""
+    if not rescan and ATTENTION_MODULES.exists():
+        cached = json.loads(ATTENTION_MODULES.read_text())
+        if cached.get("timm") == timm.__version__:
+            return cached["modules"]
+    found = {}
+    for module in timm.list_modules():
+        hit = first_attention_model(module)
+        print(f"{module:28s} {hit[0] if hit else '-'}", file=sys.stderr)
+        if hit:
+            found[module] = {"model": hit[0], "classes": hit[1]}
+    from oversmooth_cli.report import atomic_write
+
+    text = json.dumps(
+        {"timm": timm.__version__, "rule": "scripts/compat_table.py has_attention", "modules": found}, indent=1
+    )
+    atomic_write(ATTENTION_MODULES, lambda p: p.write_text(text + "\n"))
+    return found
+
+
+def families(rescan: bool = False) -> list[str]:
+    """Every attention family (:func:`attention_modules`): those with an adapter first, in registry order, then the
+    rest in timm's order."""
+    from oversmooth_cli.adapters import ADAPTERS
+
+    modules = attention_modules(rescan)
+    return [f for f in ADAPTERS if f in modules] + [f for f in modules if f not in ADAPTERS]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/compatibility.md is out of date")
     parser.add_argument("--family", action="append", help="only these families (prints the table, writes nothing)")
+    parser.add_argument("--rescan", action="store_true", help="derive the attention families from timm again")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     images = _photos()
-    chosen = args.family or families()
+    chosen = args.family or families(args.rescan)
     results = []
     for family in chosen:
         r = measure_family(family, images)
+        if r.status == "measured":
+            r.finetunes, r.refused = finetune_family(family, images)
         reason = r.note if r.status != "measured" else ""
-        print(f"{family:28s} {r.status:13s} layers={r.layers} stages={r.stages} {reason}", file=sys.stderr)
+        tunes = f"finetune={','.join(r.finetunes) or '-'}" if r.status == "measured" else ""
+        print(f"{family:28s} {r.status:13s} layers={r.layers} stages={r.stages} {tunes} {reason}", file=sys.stderr)
         results.append(r)
     text = render(results)
     if args.family:

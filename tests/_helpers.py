@@ -63,6 +63,14 @@ def compat_table() -> ModuleType:
     return module
 
 
+def load_example(name: str) -> ModuleType:
+    """``examples/<name>.py`` as a module (its ``main(argv)`` runs the example in process), loaded on each call."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # -- the command line, in process -------------------------------------------------------------------------------
 RUNNER = CliRunner()
 

@@ -23,6 +23,7 @@ from oversmooth_cli.check import (
     format_layers,
     make_baseline,
     parse_layers,
+    tolerance_from_options,
     write_junit,
     write_markdown,
 )
@@ -168,7 +169,7 @@ def test_other_checkpoint_fails_exactly_where_curves_moved(runs):
     assert expected and len(expected) < len(ref)  # the two random inits differ at some layers only
     result = check_runs(runs.run_a, runs.run_b, Tolerance(atol=0.02))
     assert failing(result) == expected
-    r = invoke("check", runs.run_a, runs.run_b)
+    r = invoke("check", runs.run_a, runs.run_b, "--atol", "0.02")  # 0.02 is no longer the default (issue 15)
     assert r.exit_code == EXIT_FAILED_CHECK, r.output
     assert f"FAILED: {len(expected)} of {len(ref)}" in r.output
     table_rows = [ln for ln in r.output.splitlines() if "│" in ln]
@@ -247,9 +248,9 @@ def test_unregistered_metric_needs_direction_both(runs, tmp_path):
 def test_sigma_widens_the_band_by_the_standard_error(runs, sigma, code):
     # std 0.1 over 4 images on both sides: se = 0.05 each, combined sqrt(2) * 0.05 = 0.0707.
     # sigma 0.2: allowed 0.02 + 0.0141 = 0.034 < 0.05 (fails); sigma 1: 0.02 + 0.0707 = 0.091 > 0.05 (passes).
-    result = check_runs(runs.base, runs.shifted, Tolerance(sigma=sigma))
+    result = check_runs(runs.base, runs.shifted, Tolerance(atol=0.02, rtol=0.0, sigma=sigma))
     np.testing.assert_allclose(result.rows["allowed"], 0.02 + sigma * math.sqrt(2) * 0.05, rtol=1e-12)
-    r = invoke("check", runs.base, runs.shifted, "--sigma", sigma)
+    r = invoke("check", runs.base, runs.shifted, "--sigma", sigma, "--atol", "0.02", "--rtol", "0")
     assert r.exit_code == code, r.output
 
 
@@ -406,7 +407,8 @@ def test_junit_markdown_and_plot_name_failing_layers(runs, tmp_path):
     for suite in root.findall("testsuite"):
         assert int(suite.get("failures")) == sum(c.find("failure") is not None for c in suite.findall("testcase"))
     msg = next(c for c in cases if c.get("name") == "layer 1" and "token" in c.get("classname")).find("failure")
-    assert "difference +0.05" in msg.get("message") and "allowed ±0.02" in msg.get("message")
+    default_atol = metrics.TOKEN_METRICS["token_cosine"].atol  # the per-metric default (issue 15), was 0.02
+    assert "difference +0.05" in msg.get("message") and f"allowed ±{default_atol:g}" in msg.get("message")
 
     md = (out / "report.md").read_text()
     assert md.startswith("## ❌ oversmooth check: FAILED: 4 of 7")
@@ -481,6 +483,8 @@ def test_measure_with_baseline_other_checkpoint_fails(runs, tmp_path):
         "1-3",
         "--direction",
         "up",
+        "--atol",
+        "0.02",  # 0.02 is no longer the default (issue 15)
     )
     ref = merged(runs.run_a, runs.run_b)
     registry = {**metrics.TOKEN_METRICS, **metrics.ATTENTION_METRICS}
@@ -547,12 +551,13 @@ def oversmooth_commands(script: str, variables: dict[str, str], ref: str) -> lis
 
 
 def tolerance_from_args(args: str) -> Tolerance:
-    """``--atol 0.02 --sigma 2 --direction up`` -> the Tolerance the command line builds from it."""
+    """``--atol attention_std=0.001 --sigma 2 --direction up`` -> the Tolerance the command line builds from it."""
     words = shlex.split(args)
-    opts = dict(zip(words[::2], words[1::2], strict=True))
-    return Tolerance(
-        atol=float(opts.get("--atol", 0.02)),
-        rtol=float(opts.get("--rtol", 0.0)),
+    pairs = list(zip(words[::2], words[1::2], strict=True))
+    opts = dict(pairs)
+    return tolerance_from_options(
+        atol=[v for k, v in pairs if k == "--atol"],
+        rtol=[v for k, v in pairs if k == "--rtol"],
         sigma=float(opts.get("--sigma", 0.0)),
         direction=opts.get("--direction", "both"),
     )

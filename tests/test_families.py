@@ -120,6 +120,11 @@ EXPECTED: dict[str, Expect] = {
         list(range(21)),
         [7, 12, 17, 20],
     ),
+    # MobileNetV4 hybrid at 128 px: the two multi-query attention blocks of stage 2 (8 x 8); conv blocks are not layers
+    "mobilenetv3": Expect([64] * 3, [0] * 3, [0, 1, 2], [1, 2]),
+    "mobilenetv5": Expect([64, 64, 16], [0, 0, 1], [0, 1, 2], [1, 2]),  # one attention block in stages 2 and 3
+    # EfficientViT-MSRA at 128 px: 8 x 8 (four 4 x 4 windows), 4 x 4, 2 x 2
+    "efficientvit_msra": Expect([64, 64, 16, 4], [0, 0, 1, 2], [0, 1, 2, 3], [1, 2, 3]),
 }
 
 SLOW = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -12,19 +13,29 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
 
 from oversmooth_cli import finetune as FT
 from oversmooth_cli import losses as L
 from oversmooth_cli import training as T
+from oversmooth_cli.control import SIDE_BY_SIDE_COLUMNS, mcnemar_exact, wilson_interval
 from oversmooth_cli.data import ShardSampler, build_transform, load_rgb, stratified_split
 from oversmooth_cli.errors import UserError
 from oversmooth_cli.metrics import token_cosine
 from oversmooth_cli.models import load_model
 from oversmooth_cli.report import LAYER_COLUMNS
 
-from ._helpers import REPO, TINY_ARCH, TINY_ARGS_DEPTH2, digit_images, invoke, tiny_cli_args
+from ._helpers import (
+    REPO,
+    TINY_ARCH,
+    TINY_ARGS_DEPTH2,
+    digit_images,
+    invoke,
+    save_checkpoint_folder,
+    tiny_cli_args,
+)
 
 pytestmark = [pytest.mark.finetune, pytest.mark.cli]
 
@@ -102,13 +113,17 @@ def test_cli_writes_every_output_and_measure_loads_it(digits, full_run, tmp_path
 
     history = pd.read_csv(out / "history.csv")
     assert list(history.columns) == T.HISTORY_COLUMNS
-    assert history["epoch"].tolist() == [1, 2] and (history["cons_sim"] == "cos").all()
+    assert history["epoch"].tolist() == [0, 1, 2] and (history["cons_sim"] == "cos").all()
+    start, trained = history.iloc[0], history[history["epoch"] > 0]
+    assert start[["lr", "train_loss", "train_ce", "train_cos", "train_cons", "train_token"]].isna().all()
     for term in ("ce", "cos", "cons", "token"):
-        assert history[f"train_{term}"].notna().all()
+        assert trained[f"train_{term}"].notna().all()
     weights = {"cos": 0.5, "cons": 0.5, "token": 1.0}
-    total = history["train_ce"] + sum(w * history[f"train_{t}"] for t, w in weights.items())
-    assert history["train_loss"].tolist() == pytest.approx(total.tolist(), rel=1e-6)
+    total = trained["train_ce"] + sum(w * trained[f"train_{t}"] for t, w in weights.items())
+    assert trained["train_loss"].tolist() == pytest.approx(total.tolist(), rel=1e-6)
     assert history["val_top1"].between(0, 100).all() and history["val_top5"].isna().all()  # top-5 of 4 classes
+    line = f"val top-1 {start['val_top1']:.1f}% -> {history['val_top1'].iloc[-1]:.1f}%, last-layer token cosine "
+    assert line + f"{start['val_token_cosine']:.3f} -> {history['val_token_cosine'].iloc[-1]:.3f}" in res.stdout
 
     for stage in ("before", "after"):
         layers = pd.read_csv(out / stage / "layers.csv")
@@ -128,7 +143,7 @@ def test_cli_writes_every_output_and_measure_loads_it(digits, full_run, tmp_path
     # `oversmooth measure OUT` loads the best checkpoint; its accuracy is the history's best, recomputed independently
     top1, cosine, weights_file = _reference_eval(out, val)
     assert weights_file.name == "checkpoint-best.safetensors"
-    best = history.loc[history["val_top1"].idxmax()]
+    best = trained.loc[trained["val_top1"].idxmax()]  # the epoch-0 row is never the best: not a trained model
     assert top1 == pytest.approx(best["val_top1"])
     after = pd.read_csv(out / "after" / "layers.csv")
     last = after[(after.metric == "token_cosine") & (after.layer == TINY_ARGS_DEPTH2["depth"])]["mean"].item()
@@ -153,6 +168,7 @@ def _one_line(res) -> str:
         ("unknown_loss", "unknown loss 'tokens' in --loss"),
         ("negative_weight", "--w-cons must be >= 0, got -0.5"),
         ("val_classes", "has other classes than"),
+        ("control_without_terms", "--control trains the --loss none twin of a run with loss terms"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(case, message, digits, tmp_path):
@@ -173,6 +189,8 @@ def test_bad_input_is_one_line_and_exit_2(case, message, digits, tmp_path):
         extra = ["--loss", "cos,tokens"]
     elif case == "negative_weight":
         extra = ["--w-cons", "-0.5"]
+    elif case == "control_without_terms":
+        extra = ["--loss", "none", "--control"]
     elif case == "val_classes":
         val = tmp_path / "val3"
         for c in CLASSES[:3]:
@@ -220,7 +238,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(digits, full_run, tmp
 
     part = _library_run(train, val, tmp_path / "part", on_step=ctrl_c)
     assert part.interrupted and part.stopped_at == (2, 2)
-    assert not (tmp_path / "part" / "after").exists() and len(part.history) == 1
+    assert not (tmp_path / "part" / "after").exists() and part.history["epoch"].tolist() == [0, 1]
     state = torch.load(tmp_path / "part" / "train_state.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 7)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -285,12 +303,18 @@ def test_ctrl_c_on_the_command_line_saves_and_exits_130(digits, tmp_path, monkey
     assert f"Interrupted at epoch 1, step 3: saved a resumable checkpoint; continue with --resume {out}" in res.stderr
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 3, 3)
-    assert not (out / "history.csv").exists() and not (out / "after").exists()
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [0] and not (out / "after").exists()
+    # no epoch finished, yet the folder is complete: `measure` loads its last checkpoint (there is no best yet)
+    assert not (out / "checkpoint-best.safetensors").exists()
+    res = invoke("measure", out, val, "--out", tmp_path / "measured", "--device", "cpu", "-q")
+    assert res.exit_code == 0, res.output
+    load = json.loads((tmp_path / "measured" / "summary.json").read_text())["model"]["load"]
+    assert Path(load["weights_file"]).name == "checkpoint-last.safetensors"
     monkeypatch.setattr(T.Trainer, "train_window", real)
     res = invoke("finetune", TINY_ARCH, train, "--val-dir", val, "--resume", out, "--loss", "none", *ONE_EPOCH,
                  *MODEL_ARGS)  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1]
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [0, 1]
 
 
 def test_resume_refuses_other_options(digits, full_run):
@@ -323,7 +347,7 @@ def test_non_finite_loss_stops_naming_the_term_and_keeps_the_last_checkpoint(dig
     assert "non-finite loss: l_cons = nan at epoch 2, step 1" in line and "--w-cons" in line
     assert f"--resume {out}" in line
     history = pd.read_csv(out / "history.csv")
-    assert history["epoch"].tolist() == [1]
+    assert history["epoch"].tolist() == [0, 1]
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert (state["epoch"], state["global_step"]) == (1, 5)
     weights = load_file(str(out / "checkpoint-last.safetensors"))
@@ -353,13 +377,13 @@ def test_two_process_gloo_run_reduces_metrics_over_ranks(digits, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == set(FT.OUTPUT_NAMES)  # rank 0 wrote, no temporary files left
     history = pd.read_csv(out / "history.csv")
-    assert len(history) == 1 and history["cons_sim"].item() == "dot"
+    assert history["epoch"].tolist() == [0, 1] and (history["cons_sim"] == "dot").all()
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["ranks"]) == 2 and state["global_step"] == 3  # 20 images per rank
     # validation was sharded 6 + 6 and summed: it equals one process scoring all 12 images
     top1, cosine, _ = _reference_eval(out, val)
-    assert history["val_top1"].item() == pytest.approx(top1)
-    assert history["val_token_cosine"].item() == pytest.approx(cosine, abs=1e-5)
+    assert history["val_top1"].iloc[-1] == pytest.approx(top1)
+    assert history["val_token_cosine"].iloc[-1] == pytest.approx(cosine, abs=1e-5)
     assert (pd.read_csv(out / "after" / "layers.csv")["n_images"] == 12).all()
 
 
@@ -394,3 +418,125 @@ def test_unreadable_training_image_in_a_worker_is_one_line(digits, tmp_path):
     assert res.exit_code == 2, res.output
     error = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
     assert len(error) == 1 and "broken.png" in error[0] and "Traceback" not in res.stderr
+
+
+# -- before and after: the epoch-0 row -----------------------------------------------------------------------------
+def test_epoch_zero_row_is_the_model_before_training(digits, tmp_path):
+    """history.csv row 0 == a direct evaluation (top-1) and `oversmooth measure` (token cosine) of the start model."""
+    train, val = digits
+    torch.manual_seed(0)
+    start_model = timm.create_model(TINY_ARCH, num_classes=4, **TINY_ARGS_DEPTH2).eval()
+    folder = save_checkpoint_folder(start_model, tmp_path / "start", args=TINY_ARGS_DEPTH2)
+    out = tmp_path / "run"
+    res = invoke("finetune", folder, train, "--val-dir", val, "--out", out, "--loss", "cos", *ONE_EPOCH)
+    assert res.exit_code == 0, res.output
+    start = pd.read_csv(out / "history.csv").iloc[0]
+    assert start["epoch"] == 0
+    top1, cosine, _ = _reference_eval(folder, val)  # one image at a time, without the finetune code
+    assert start["val_top1"] == pytest.approx(top1)
+    assert start["val_token_cosine"] == pytest.approx(cosine, abs=1e-5)
+    assert invoke("measure", folder, val, "--out", tmp_path / "m", "-q").exit_code == 0
+    layers = pd.read_csv(tmp_path / "m" / "layers.csv")
+    measured = layers[(layers.metric == "token_cosine") & (layers.layer == TINY_ARGS_DEPTH2["depth"])]["mean"].item()
+    assert start["val_token_cosine"] == pytest.approx(measured, abs=1e-6)
+    assert "before training" in res.stderr and f"val top-1 {top1:.1f}% -> " in res.stdout
+
+
+# -- --control ----------------------------------------------------------------------------------------------------
+CONTROL_OPTIONS = ["--epochs", "1", "--batch-size", "8", "--device", "cpu", "--lr", "2e-3", "--cutmix-prob", "1"]
+
+
+@pytest.fixture(scope="module")
+def control_run(digits, tmp_path_factory: pytest.TempPathFactory):
+    """One CLI run with every loss term and --control (5 steps per arm)."""
+    train, val = digits
+    out = tmp_path_factory.mktemp("control") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = invoke(
+            "finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, "--loss", "cos,cons,token", "--control",
+            *CONTROL_OPTIONS, *MODEL_ARGS,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return out, res
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_file(str(a / "checkpoint-last.safetensors")), load_file(str(b / "checkpoint-last.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_control_twin_equals_a_separate_loss_none_run_and_the_side_by_side_reads_both(digits, control_run, tmp_path):
+    train, val = digits
+    out, res = control_run
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in out.iterdir()} == set(FT.OUTPUT_NAMES) | set(FT.CONTROL_OUTPUT_NAMES)
+    assert {p.name for p in (out / "control").iterdir()} == set(FT.OUTPUT_NAMES)
+    twin = json.loads((out / "control" / "config.json").read_text())["finetune"]["config"]
+    assert twin["losses"] == [] and twin["cutmix"] is True  # CutMix kept on: the same draws as the treated arm
+
+    separate = tmp_path / "none"
+    alone = invoke(
+        "finetune", TINY_ARCH, train, "--val-dir", val, "--out", separate, "--loss", "none", "--cutmix",
+        *CONTROL_OPTIONS, *MODEL_ARGS, "-q",
+    )  # fmt: skip
+    assert alone.exit_code == 0, alone.output
+    assert _same_weights(out / "control", separate), "the control twin must equal a separate --loss none run"
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "control" / "history.csv").drop(columns="seconds"),
+        pd.read_csv(separate / "history.csv").drop(columns="seconds"),
+    )
+    assert not _same_weights(out, separate)
+
+    table = pd.read_csv(out / "side_by_side.csv")
+    assert list(table.columns) == SIDE_BY_SIDE_COLUMNS and table["arm"].tolist() == ["before", "control", "treated"]
+    for arm, folder in (("control", out / "control"), ("treated", out)):
+        row = table[table["arm"] == arm].iloc[0]
+        history = pd.read_csv(folder / "history.csv")
+        assert row["val_top1"] == pytest.approx(history["val_top1"].iloc[-1])  # final weights, same images
+        assert row["val_top1_ci95_low"] <= row["val_top1"] <= row["val_top1_ci95_high"]
+        assert row["token_cosine"] == pytest.approx(history["val_token_cosine"].iloc[-1], abs=1e-5)
+        assert row["n_images"] == 12
+    report = json.loads((out / "side_by_side.json").read_text())
+    assert 0 <= report["p_value"] <= 1 and report["verdict"] in res.stdout and "McNemar" in report["verdict"]
+    assert (out / "side_by_side.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "control (--loss none): val top-1" in res.stdout
+
+
+def test_resume_continues_a_control_run_interrupted_in_its_control_arm(digits, control_run, tmp_path):
+    train, val = digits
+    full, res = control_run
+    assert res.exit_code == 0, res.output
+    calls = {"n": 0}
+
+    def ctrl_c(info: T.StepInfo) -> None:  # the treated arm takes 5 steps; Ctrl-C in the control arm's step 2
+        calls["n"] += 1
+        if calls["n"] == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = FT.FinetuneConfig(losses=("cos", "cons", "token"), epochs=1, batch_size=8, lr=2e-3, cutmix_prob=1.0)
+    part = tmp_path / "part"
+    stopped = FT.finetune(
+        TINY_ARCH, train, part, cfg, val_dir=val, model_args=TINY_ARGS_DEPTH2, device="cpu", control=True,
+        on_step=ctrl_c,
+    )  # fmt: skip
+    assert stopped.interrupted and stopped.control.interrupted and stopped.comparison is None
+    assert stopped.stopped_at == (1, 3) and not (part / "side_by_side.csv").exists()
+    res = invoke(
+        "finetune", TINY_ARCH, train, "--val-dir", val, "--resume", part, "--loss", "cos,cons,token", "--control",
+        *CONTROL_OPTIONS, *MODEL_ARGS,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert _same_weights(part, full) and _same_weights(part / "control", full / "control")
+    pd.testing.assert_frame_equal(pd.read_csv(part / "side_by_side.csv"), pd.read_csv(full / "side_by_side.csv"))
+
+
+def test_mcnemar_and_wilson_match_their_textbook_values():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 0) == pytest.approx(2 * 0.5**5)  # all 5 discordant images favour one arm
+    assert mcnemar_exact(3, 7) == pytest.approx(2 * sum(math.comb(10, i) for i in range(4)) / 2**10)
+    assert mcnemar_exact(7, 3) == mcnemar_exact(3, 7)
+    low, high = wilson_interval(348, 359)  # the bundled model's 96.9%
+    assert (round(low, 1), round(high, 1)) == (94.6, 98.3)

@@ -11,7 +11,7 @@ import torch
 from oversmooth_cli.errors import UserError
 from oversmooth_cli.models import load_model, parse_model_args, unwrap_state_dict
 
-from ._helpers import TINY_ARCH, TINY_ARGS
+from ._helpers import PHOTOS, TINY_ARCH, TINY_ARGS, invoke
 
 pytestmark = pytest.mark.models
 
@@ -140,6 +140,54 @@ def test_parse_model_args():
     }
     with pytest.raises(UserError, match="KEY=VALUE"):
         parse_model_args(["img_size"])
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("64", 64),
+        ("-1.5e-3", -1.5e-3),
+        ("(2,2)", (2, 2)),
+        ("(2, 2, 6, 2)", (2, 2, 6, 2)),
+        ("[3, 6]", [3, 6]),
+        ("True", True),
+        ("false", False),  # JSON
+        ("None", None),
+        ("null", None),  # JSON
+        ("'gelu'", "gelu"),
+        ("gelu", "gelu"),  # not a literal: the text itself
+        ("{'a': 1}", {"a": 1}),
+        ("(1,", "(1,"),  # unbalanced: the text itself
+        ("", ""),
+    ],
+)
+def test_model_arg_values_are_python_literals_then_json_then_text(text, value):
+    assert parse_model_args([f"x={text}"]) == {"x": value}
+
+
+@pytest.mark.parametrize("item", ["=3", "img size=3", "1x=3", "depth"])
+def test_model_arg_needs_a_python_name_as_key(item):
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_model_args([item])
+
+
+def test_model_arg_tuple_builds_a_hierarchical_model():
+    """``--model-arg depths=(1,1)``: the tuple reaches timm (a string there failed with "int + str")."""
+    args = parse_model_args(
+        ["img_size=32", "window_size=4", "depths=(1,1)", "num_heads=(1,2)", "embed_dim=16", "num_classes=0"]
+    )
+    loaded = load_model("swin_tiny_patch4_window7_224", model_args=args)
+    assert [len(stage.blocks) for stage in loaded.model.layers] == [1, 1]
+    assert loaded.model_args["depths"] == (1, 1)
+
+
+def test_model_arg_tuple_on_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    args = {**TINY_ARGS, "img_size": "(32,32)"}
+    flags = [f for k, v in args.items() for f in ("--model-arg", f"{k}={v}")]
+    res = invoke("measure", TINY_ARCH, PHOTOS["chelsea.png"], "--out", out, "--device", "cpu", "-q", *flags)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "summary.json").read_text())["model"]["model_args"]["img_size"] == [32, 32]
 
 
 def test_folder_without_weights(tmp_path: Path):
