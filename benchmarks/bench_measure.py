@@ -140,27 +140,43 @@ Row = tuple[Callable[[], object], Callable[[], object]]
 """``(timed pass, warm-up pass on a little input)``."""
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds spent by every process on the machine since boot (``/proc/stat``: all but idle and iowait), or
+    ``None`` where that is not readable."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float, float | None]:
+    """Wall-clock and process CPU seconds of one call, and the share of the machine's CPUs that other processes used
+    meanwhile (``None`` where unknown; children of this process, e.g. DataLoader workers, count as others)."""
+    busy, wall, cpu = busy_cpu_seconds(), time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu, after = time.perf_counter() - wall, time.process_time() - cpu, busy_cpu_seconds()
+    if busy is None or after is None:
+        return wall, cpu, None
+    return wall, cpu, max(0.0, (after - busy - cpu) / (wall * (os.cpu_count() or 1)))
 
 
-def interleaved(rows: dict[str, Row], repeats: int) -> dict[str, list[tuple[float, float]]]:
+def interleaved(rows: dict[str, Row], repeats: int) -> dict[str, list[tuple[float, float, float | None]]]:
     """``(wall, cpu)`` seconds per row per repeat; each repeat runs every row once, in turn, after one warm-up each."""
     for _timed, warm in rows.values():
         warm()
-    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
+    seconds: dict[str, list[tuple[float, float, float | None]]] = {name: [] for name in rows}
     for _ in range(repeats):
         for name, (fn, _warm) in rows.items():
             seconds[name].append(timed(fn))
     return seconds
 
 
-def summarise(name: str, img_size: int, n_images: int, seconds: list[tuple[float, float]]) -> dict:
-    walls, cpus = [w for w, _ in seconds], [c for _, c in seconds]
+def summarise(name: str, img_size: int, n_images: int, seconds: list[tuple[float, float, float | None]]) -> dict:
+    walls, cpus = [s[0] for s in seconds], [s[1] for s in seconds]
+    others = [s[2] for s in seconds if s[2] is not None]
     return {
+        "others": max(others) if others else None,
         "row": name,
         "img_size": img_size,
         "images": n_images,
@@ -410,15 +426,19 @@ def print_table(rows: list[dict], rss: list[dict], args: argparse.Namespace, loa
     print(header(args) + f", load average {load[0]:.2f} before / {load[1]:.2f} after")
     if rows:
         print(
-            f"| {'row':<46} | {'img':>4} | {'images':>6} | {'img/s':>7} | {'cpu img/s':>9} | {'wall s min..max':>15} |"
+            f"| {'row':<46} | {'img':>4} | {'images':>6} | {'img/s':>7} | {'cpu img/s':>9} | {'wall s min..max':>15} "
+            f"| {'others':>6} |"
         )
-        print(f"|{'-' * 48}|{'-' * 5}:|{'-' * 7}:|{'-' * 8}:|{'-' * 10}:|{'-' * 16}:|")
+        print(f"|{'-' * 48}|{'-' * 5}:|{'-' * 7}:|{'-' * 8}:|{'-' * 10}:|{'-' * 16}:|{'-' * 7}:|")
     for r in rows:
         span = f"{min(r['wall_s']):.2f}..{max(r['wall_s']):.2f}"
+        others = "-" if r["others"] is None else f"{100 * r['others']:.0f}%"
         print(
             f"| {r['row']:<46} | {r['img_size']:>4} | {r['images']:>6} | {r['rate']:>7.2f} | {r['cpu_rate']:>9.2f} "
-            f"| {span:>15} |"
+            f"| {span:>15} | {others:>6} |"
         )
+    if rows:
+        print("(others: the largest share of the machine's CPUs other processes used during one repeat of the row)")
     for line in ratio_lines(ratios(rows)):
         print(line)
     if rss:
@@ -450,7 +470,7 @@ def many_runs(args: argparse.Namespace, argv: list[str]) -> None:
     """``--runs K``: the whole comparison in K fresh processes, one after the other; the median and the range of
     every ratio over them (peak RSS, if asked for, once at the end)."""
     found: dict[tuple[str, int], list[dict]] = {}
-    loads = []
+    loads, others = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):
             out = Path(tmp) / f"run-{i}.json"
@@ -461,11 +481,14 @@ def many_runs(args: argparse.Namespace, argv: list[str]) -> None:
                 raise SystemExit(f"run {i + 1} failed ({res.returncode})")
             data = json.loads(out.read_text())
             loads.append(data["load"])
+            others.append(max((r["others"] for r in data["rows"] if r["others"] is not None), default=None))
             for r in data["ratios"]:
                 found.setdefault((r["name"], r["img_size"]), []).append(r)
     rss = rss_rows(args) if args.rss_images > 0 else []
     print(f"\n== {args.runs} runs: {header(args)}")
     print(f"load average before each run: {', '.join(f'{a:.2f}' for a, _ in loads)}")
+    shares = ", ".join("-" if s is None else f"{100 * s:.0f}%" for s in others)
+    print(f"largest CPU share of other processes during a repeat, per run: {shares}")
     summary = []
     for (name, size), rs in found.items():
         values, cpus = [r["value"] for r in rs], [r["cpu"] for r in rs]
@@ -479,7 +502,7 @@ def many_runs(args: argparse.Namespace, argv: list[str]) -> None:
     if rss:
         print_table([], rss, args, (loads[0][0], os.getloadavg()[0]))
     if args.json:
-        args.json.write_text(json.dumps({"runs": summary, "rss": rss, "loads": loads}, indent=1))
+        args.json.write_text(json.dumps({"runs": summary, "rss": rss, "loads": loads, "others": others}, indent=1))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

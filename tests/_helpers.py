@@ -7,12 +7,15 @@ and the bundled ``examples/``), so a plain clone passes its tests with nothing b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import itertools
 import json
 import math
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -51,6 +54,30 @@ def digit_images(split: str, digit: str, n: int) -> list[Path]:
     if split == "train":
         return sorted((DIGITS_TRAIN / digit).glob("*.png"))[:n]
     return sorted(DIGITS_VAL.glob(f"{digit}_*.png"))[:n]
+
+
+def digit_folders(
+    root: Path, classes: tuple[str, ...] = ("0", "1", "2", "3"), train: int = 10, val: int = 3
+) -> tuple[Path, Path]:
+    """``root/train/<digit>/`` and ``root/val/<digit>/`` (ImageFolder layout) holding real digits: ``train`` and ``val``
+    images per class."""
+    for split, per_class in (("train", train), ("val", val)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for p in digit_images(split, c, per_class):
+                shutil.copy(p, root / split / c / p.name)
+    return root / "train", root / "val"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op threads (tiny models on a busy 2-core machine), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @functools.cache

@@ -31,10 +31,12 @@ from ._helpers import (
     REPO,
     TINY_ARCH,
     TINY_ARGS_DEPTH2,
+    digit_folders,
     digit_images,
     invoke,
     save_checkpoint_folder,
     tiny_cli_args,
+    torch_threads,
 )
 
 pytestmark = [pytest.mark.finetune, pytest.mark.cli]
@@ -46,11 +48,8 @@ COMMON = ["--epochs", "2", "--batch-size", "8", "--device", "cpu", "--lr", "2e-3
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine a second thread only spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 ONE_EPOCH = ["--epochs", "1", *COMMON[2:]]
@@ -59,13 +58,7 @@ ONE_EPOCH = ["--epochs", "1", *COMMON[2:]]
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """40 real training digits (4 classes x 10) and 12 validation digits (4 x 3) in ImageFolder layout."""
-    root = tmp_path_factory.mktemp("digits")
-    for split, per_class in (("train", 10), ("val", 3)):
-        for c in CLASSES:
-            (root / split / c).mkdir(parents=True)
-            for p in digit_images(split, c, per_class):
-                shutil.copy(p, root / split / c / p.name)
-    return root / "train", root / "val"
+    return digit_folders(tmp_path_factory.mktemp("digits"), CLASSES)
 
 
 def _reference_eval(model_dir: Path, val: Path) -> tuple[float, float, Path]:

@@ -8,7 +8,6 @@ import itertools
 import json
 import math
 import random
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +19,14 @@ from oversmooth_cli import losses as L
 from oversmooth_cli import token_heads as TH
 from oversmooth_cli.geometry import area_pool, area_weights
 
-from ._helpers import TINY_ARCH, TINY_ARGS_DEPTH2, digit_images, invoke, save_checkpoint_folder
+from ._helpers import (
+    TINY_ARCH,
+    TINY_ARGS_DEPTH2,
+    digit_folders,
+    invoke,
+    save_checkpoint_folder,
+    torch_threads,
+)
 
 pytestmark = [pytest.mark.finetune]
 
@@ -39,22 +45,14 @@ FAMILIES = {  # family: (architecture, model args, input size); PVT-v2 has no im
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """40 real training digits (4 classes x 10) and 12 validation digits (4 x 3) in ImageFolder layout."""
-    root = tmp_path_factory.mktemp("digits")
-    for split, per_class in (("train", 10), ("val", 3)):
-        for c in CLASSES:
-            (root / split / c).mkdir(parents=True)
-            for p in digit_images(split, c, per_class):
-                shutil.copy(p, root / split / c / p.name)
-    return root / "train", root / "val"
+    return digit_folders(tmp_path_factory.mktemp("digits"), CLASSES)
 
 
 def _model(family: str, num_classes: int = 4, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from oversmooth_cli.errors import UserError
 from oversmooth_cli.monitor import MONITOR_COLUMNS, OversmoothingMonitor
 
-from ._helpers import DIGITS_VAL, SEED, TINY_ARCH, TINY_ARGS, digit_images, load_example
+from ._helpers import DIGITS_VAL, SEED, TINY_ARCH, TINY_ARGS, digit_images, load_example, torch_threads
 
 pytestmark = pytest.mark.monitor
 
@@ -37,10 +37,8 @@ STEPS = 2
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def tiny_vit() -> torch.nn.Module:

@@ -35,6 +35,7 @@ from ._helpers import (
     digit_images,
     invoke,
     tiny_cli_args,
+    torch_threads,
 )
 
 pytestmark = pytest.mark.monitor
@@ -48,11 +49,8 @@ STATS = ["mean", "std", "ci95_low", "ci95_high"]
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """One intra-op thread: tiny models on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def make_trainable(seed: int = SEED) -> torch.nn.Module:
