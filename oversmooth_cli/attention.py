@@ -11,13 +11,14 @@ nothing large is allocated per layer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator
 
 import torch
 
-from .metrics import to_float
+from .metrics import scalar_like, to_float
 
 __all__ = [
     "CPU_BLOCK_ELEMENTS",
@@ -31,20 +32,23 @@ __all__ = [
     "scratch_slot",
 ]
 
-ScratchFn = Callable[[str, int], torch.Tensor]
-"""``scratch(slot, n)`` -> ``n`` elements of reusable memory ``slot`` (float32 or wider)."""
+ScratchFn = Callable[[str, tuple[int, ...]], torch.Tensor]
+"""``scratch(slot, shape)`` -> a contiguous ``shape`` view of reusable memory ``slot`` (float32 or wider)."""
 
-CPU_BLOCK_ELEMENTS = 1 << 18
-"""Probability elements per block on CPUs (1 MiB of float32): a block is computed, normalised, measured and applied
-to the values while it is still in cache (``benchmarks/bench_measure.py``)."""
+CPU_BLOCK_ELEMENTS = 1 << 19
+"""Probability elements per block on CPUs (2 MiB of float32): a block is computed, normalised, measured and applied
+to the values while it is still in cache, in few enough operations that their fixed cost stays small
+(``benchmarks/bench_measure.py``)."""
 
 
 class Scratch:
     """Named slots of reusable memory: a slot is made anew when it is too small, of another device or dtype, or when
-    inference mode changed (inference tensors cannot be written outside it), else reused."""
+    inference mode changed (inference tensors cannot be written outside it), else reused. Views of a slot are kept
+    per shape, so asking again for a block of the same shape costs a dictionary lookup, not a tensor operation."""
 
     def __init__(self) -> None:
         self._memory: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, slot: str, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``n`` elements of memory ``slot`` on ``device`` in ``dtype``."""
@@ -56,16 +60,33 @@ class Scratch:
             or (memory.device, memory.dtype) != (device, dtype)
             or memory.is_inference() != inference
         ):
+            self._views = {key: view for key, view in self._views.items() if key[0] != slot}
             memory = self._memory[slot] = torch.empty(n, device=device, dtype=dtype)
         return memory[:n]
 
+    def view(self, slot: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous ``shape`` view of memory ``slot`` on ``device`` in ``dtype`` (the same view object while the
+        slot's memory stays)."""
+        key = (slot, shape, device, dtype)
+        kept = self._views.get(key)
+        if (
+            kept is not None
+            and kept[0] is self._memory.get(slot)
+            and kept[0].is_inference() == (torch.is_inference_mode_enabled())
+        ):
+            return kept[1]
+        view = self.get(slot, math.prod(shape), device, dtype).view(shape)
+        self._views[key] = (self._memory[slot], view)
+        return view
+
     def bind(self, device: torch.device, dtype: torch.dtype) -> ScratchFn:
         """This memory as :func:`iter_attention_blocks` takes it, on ``device`` in ``dtype``."""
-        return functools.partial(self.get, device=device, dtype=dtype)
+        return functools.partial(self.view, device=device, dtype=dtype)
 
     def clear(self) -> None:
         """Free every slot."""
         self._memory.clear()
+        self._views.clear()
 
 
 Block = tuple[int, int, list[tuple[int, int]]]
@@ -129,9 +150,9 @@ def iter_attention_blocks(
     Autocast is switched off so the logits are float32 on every device. With ``scratch`` (a :data:`ScratchFn` of
     float32 or wider memory, e.g. :meth:`Scratch.bind`), every block (softmax in place) lives in that memory, so a
     block is valid only until the next one is asked for and nothing large is allocated (on CPU, fresh allocations of
-    tens of MB cost page faults that outweigh the arithmetic). The products read ``q`` and ``k`` where they lie, one
-    batch row at a time, when :func:`reads_in_place` allows (on a CPU, in the scratch dtype: ``q k^T * scale`` in one
-    ``baddbmm``, as SDPA's fused kernel reads them); else the scaled queries and the keys are copied there first.
+    tens of MB cost page faults that outweigh the arithmetic). A block of several batch rows copies its scaled queries
+    and its keys there first (one batched product for the block); a block of one batch row reads them where they lie
+    when :func:`reads_in_place` allows (``q k^T * scale`` in one ``baddbmm``, as SDPA's fused kernel reads them).
 
     Args:
         q: ``(B, H, T, dh)`` queries, after any q-norm / rotary embedding the model applies.
@@ -147,40 +168,55 @@ def iter_attention_blocks(
         ``(b0, b1, start, probs)``: probabilities ``(b1 - b0, H, c, S)`` of batch rows ``b0:b1`` and query rows
         ``start:start + c``; together the blocks cover batch rows ``0..B-1`` and query rows ``query_start..T-1``.
     """
-    B, H, T, _ = q.shape
+    B, H, T, dh = q.shape
     S = k.shape[-2]
-    no_autocast = functools.partial(torch.autocast, device_type=q.device.type, enabled=False)
-    direct = scratch is not None and reads_in_place(q, k, scratch=scratch)
+    # autocast off while computing, never held across a yield (the caller's state is its own between blocks)
+    float32 = _no_autocast if torch.is_autocast_enabled(q.device.type) else _as_is
+    in_place = scratch is not None and reads_in_place(q, k, scratch=scratch)
     for b0, b1, chunks in block_plan(B, H * S, T, query_start, max_elements, block_elements):
+        n = b1 - b0
         qb, kb = _batch_rows(q, 4, b0, b1, B), _batch_rows(k, 4, b0, b1, B)
         bb = None if bias is None else _batch_rows(bias, 4, b0, b1, B)
-        with no_autocast():
-            kt = (kb if direct else to_float(kb) if scratch is None else copy_to_scratch(scratch, "k", kb)).transpose(
-                -2, -1
-            )
+        direct = in_place and n == 1  # one batch row: its q and k are read where they lie
+        with float32(q.device):
+            if scratch is None:
+                kt = to_float(kb).transpose(-2, -1)
+            elif direct:
+                kt = kb[0].transpose(-2, -1)
+            else:
+                kt = scratch("k", (n, H, S, k.shape[-1])).copy_(kb).transpose(-2, -1)
         for start, stop in chunks:
-            with no_autocast():  # never held across a yield: the caller's autocast state is its own between blocks
-                qc = qb[:, :, start:stop]
+            with float32(q.device):
+                qc = qb if (start, stop) == (0, T) else qb[:, :, start:stop]
                 if scratch is None:
                     logits = (to_float(qc) * scale) @ kt
-                elif direct:  # q k^T * scale per batch row, straight from the model's (strided) q and k
-                    logits = scratch_slot(scratch, "probs", (b1 - b0, H, stop - start, S))
-                    for i in range(b1 - b0):
-                        torch.baddbmm(logits[i], qc[i], kt[i], beta=0, alpha=scale, out=logits[i])
-                else:  # scaled in float32, like the plain path
-                    qs = copy_to_scratch(scratch, "q", qc).mul_(scale)
-                    logits = torch.matmul(qs, kt, out=scratch_slot(scratch, "probs", (b1 - b0, H, stop - start, S)))
+                elif direct:  # q k^T * scale in one product, straight from the model's (strided) q and k
+                    logits = scratch("probs", (1, H, stop - start, S))
+                    rows = scratch("probs", (H, stop - start, S))
+                    torch.baddbmm(rows, qc[0], kt, beta=0, alpha=scale, out=rows)
+                else:  # scaled in float32, like the plain path; one batched product for the block
+                    qs = scratch("q", (n, H, stop - start, dh)).copy_(qc)
+                    qs.mul_(scalar_like(scale, qs))
+                    logits = torch.matmul(qs, kt, out=scratch("probs", (n, H, stop - start, S)))
                 if bb is not None:
                     logits += to_float(bb[..., start:stop, :])
                 probs = logits.softmax(dim=-1) if scratch is None else torch.softmax(logits, dim=-1, out=logits)
             yield b0, b1, start, probs
 
 
+def _no_autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _as_is(_device: torch.device) -> contextlib.nullcontext:
+    return contextlib.nullcontext()
+
+
 def reads_in_place(q: torch.Tensor, *others: torch.Tensor | None, scratch: ScratchFn | None = None) -> bool:
     """Batched matrix products read ``q`` (and ``others``) where they lie, one batch row at a time, instead of copies
     in the scratch memory: on a CPU (where BLAS takes the model's strided ``(H, T, dh)`` views as they are and a copy
     costs a pass over memory), when they already have the scratch memory's dtype."""
-    dtype = scratch("probs", 0).dtype if scratch is not None else torch.float32
+    dtype = scratch("probs", (0,)).dtype if scratch is not None else torch.float32
     return q.device.type == "cpu" and all(t is None or t.dtype == dtype for t in (q, *others))
 
 
@@ -207,9 +243,9 @@ def iter_attention_probs(
 
 def scratch_slot(scratch: ScratchFn, slot: str, shape: tuple[int, ...]) -> torch.Tensor:
     """A contiguous ``shape`` view of the scratch memory ``slot``."""
-    return scratch(slot, math.prod(shape)).view(shape)
+    return scratch(slot, tuple(shape))
 
 
 def copy_to_scratch(scratch: ScratchFn, slot: str, x: torch.Tensor) -> torch.Tensor:
     """``x`` copied (contiguous, in the scratch memory's dtype) into the scratch memory ``slot``."""
-    return scratch_slot(scratch, slot, tuple(x.shape)).copy_(x)
+    return scratch(slot, tuple(x.shape)).copy_(x)

@@ -28,7 +28,6 @@ from .attention import (
     copy_to_scratch,
     iter_attention_blocks,
     reads_in_place,
-    scratch_slot,
 )
 from .geometry import (
     AttentionPositions,
@@ -354,6 +353,8 @@ class OversmoothingCapture:
         positions: TokenPositions | None = None,
         query_start: int | None = None,
         softmax_rows: bool = False,
+        *,
+        shape: tuple[int, int, int],
     ) -> None:
         """Average per-row metrics over the query chunks of one layer, per head; add consecutive-layer sums.
 
@@ -368,48 +369,56 @@ class OversmoothingCapture:
             query_start: token index of the first row of the first chunk (default: the prefix length).
             softmax_rows: the rows are softmax output (each sums to 1): :data:`_SOFTMAX_ROW_FORMS` may stand in for
                 a metric's general formula.
+            shape: ``(batch rows, H, query rows)`` that the chunks cover together.
         """
         start = self.prefix if query_start is None else query_start
-        row_metrics = {n: m for n, m in self.attention_metrics.items() if m.inputs == "rows"}
+        row_metrics = [(n, m, self._row_metric(m, softmax_rows)) for n, m in self.attention_metrics.items()]
+        row_metrics = [(n, m, fn) for n, m, fn in row_metrics if m.inputs == "rows"]
         pair_metrics = {n: m for n, m in self.attention_metrics.items() if m.inputs == "consecutive"}
+        values: dict[str, torch.Tensor] = {}  # per row metric: (batch rows, H, query rows), filled block by block
+        skipped: set[str] = set()  # row metrics that some block could not give
         runs: list[_RowSums] = []  # one per run of batch rows, in batch order
         pairs = prev_chunks if prev_chunks is not None else itertools.repeat(None)
         for chunk, prev in zip(chunks, pairs, strict=False):  # pairs may be an endless repeat(None)
             b0, probs = chunk if isinstance(chunk, tuple) else (0, chunk)
             prev = prev[1] if isinstance(prev, tuple) else prev
-            if not runs or runs[-1].batch != (b0, probs.shape[0]):
-                runs.append(_RowSums((b0, probs.shape[0])))
+            n, rows = probs.shape[0], probs.shape[-2]
+            if not runs or runs[-1].batch != (b0, n):
+                runs.append(_RowSums((b0, n)))
             run = runs[-1]
-            for name, m in row_metrics.items():
-                extras = self._row_extras(m, positions, start + run.rows, probs, run.batch)
-                if all(k in extras for k in m.needs):
-                    run.add(name, (self._row_metric(m, softmax_rows)(probs, **extras).sum(dim=-1),))  # (b, H)
+            for name, m, fn in row_metrics:
+                extras = self._row_extras(m, positions, start + run.rows, probs, run.batch) if m.needs else {}
+                if not all(k in extras for k in m.needs):
+                    skipped.add(name)
+                    continue
+                if name not in values:
+                    dtype = torch.promote_types(probs.dtype, torch.float32)
+                    values[name] = torch.empty(shape, device=probs.device, dtype=dtype)
+                whole = (b0, n, run.rows, rows) == (0, shape[0], 0, shape[-1])
+                fn(probs, values[name] if whole else values[name][b0 : b0 + n, :, run.rows : run.rows + rows], **extras)
             for name, m in pair_metrics.items() if prev is not None else ():
                 run.add(name, m.fn(prev, probs))
-            run.rows += probs.shape[-2]
+            run.rows += rows
         if not runs:
             return
+        per_head = {n: v.mean(dim=-1) for n, v in values.items() if n not in skipped}  # (batch rows, H)
         names = [n for n in runs[0].sums if all(n in r.sums for r in runs)]
         totals = {n: [torch.cat(parts) for parts in zip(*(r.sums[n] for r in runs), strict=True)] for n in names}
-        per_head = {n: total[0] / runs[0].rows for n, total in totals.items() if n in row_metrics}
-        per_head.update(
-            {n: self.attention_metrics[n].finish(*total) for n, total in totals.items() if n in pair_metrics}
-        )
-        for name, values in per_head.items():
-            self._pending.heads[(name, layer)] = values
-            self._pending.layers[(name, layer)] = values.mean(dim=-1)
+        per_head.update({n: self.attention_metrics[n].finish(*total) for n, total in totals.items()})
+        for name, per in per_head.items():
+            self._pending.heads[(name, layer)] = per
+            self._pending.layers[(name, layer)] = per.mean(dim=-1)
 
-    def _row_metric(self, m: MetricDef, softmax_rows: bool) -> Callable[..., torch.Tensor]:
-        """``m``'s row formula; for softmax rows its :data:`_SOFTMAX_ROW_FORMS` stand-in, given scratch memory."""
+    def _row_metric(self, m: MetricDef, softmax_rows: bool) -> Callable[..., None]:
+        """``m``'s row formula as ``fn(probs, out, **extras)`` writing ``(b, H, c)`` values into ``out``; for softmax
+        rows its :data:`_SOFTMAX_ROW_FORMS` stand-in, computed in scratch memory."""
         form = _SOFTMAX_ROW_FORMS.get(m.fn) if softmax_rows else None
         if form is None:
-            return m.fn
+            return lambda probs, out, **extras: out.copy_(m.fn(probs, **extras))
 
-        def with_scratch(probs: torch.Tensor, **extras: Any) -> torch.Tensor:
-            memory = self._scratch.get(
-                "centred", probs.numel(), probs.device, torch.promote_types(probs.dtype, torch.float32)
-            )
-            return form(probs, out=memory.view(probs.shape), **extras)
+        def with_scratch(probs: torch.Tensor, out: torch.Tensor, **extras: Any) -> None:
+            dtype = torch.promote_types(probs.dtype, torch.float32)
+            form(probs, centred=self._scratch.view("centred", tuple(probs.shape), probs.device, dtype), out=out)
 
         return with_scratch
 
@@ -458,33 +467,37 @@ class OversmoothingCapture:
                 positions = self._token_positions(q.shape[-2], q.device)
             first = self.prefix if v is None else 0  # the output needs the prefix rows too
             block_elements = self.block_elements if q.device.type == "cpu" else None
+            B, H, T = q.shape[:-1]
             out = scratch = None
-            direct = False  # the values are read where they lie (see reads_in_place)
+            in_place = False  # the values are read where they lie (see reads_in_place), else copied to scratch
             if v is not None:
                 dtype = torch.promote_types(q.dtype, torch.float32)
-                B, H, T, dv = *q.shape[:-1], v.shape[-1]
+                dv = v.shape[-1]
                 out = torch.empty(B, T, H, dv, device=q.device, dtype=dtype).transpose(1, 2)
                 scratch = self._scratch.bind(q.device, dtype)
-                direct = reads_in_place(v, scratch=scratch)
-                v = v if direct else copy_to_scratch(scratch, "v", v)
+                in_place = reads_in_place(v, scratch=scratch)
+                v = v if in_place else copy_to_scratch(scratch, "v", v)
 
             def measured(q_, k_, s_, b_, values=None, scratch_=None) -> Iterator[tuple[int, torch.Tensor]]:
                 """``(b0, probs)`` blocks from query ``first`` (both layers of a pair alike), past the prefix rows;
                 each block is first applied to ``values``, into ``out``, when given."""
+                held = None  # (b0, b1, copy) of the batch rows whose values are in the scratch memory
                 blocks = iter_attention_blocks(q_, k_, s_, first, b_, self.max_elements, scratch_, block_elements)
                 for b0, b1, start, probs in blocks:
                     stop = start + probs.shape[-2]
                     if values is not None:
-                        vb = values[b0:b1]
-                        o = scratch_slot(scratch_, "out", (*probs.shape[:-1], vb.shape[-1]))
-                        if direct:  # one batch row at a time, straight from the model's (strided) values
-                            for i in range(b1 - b0):
-                                torch.bmm(probs[i], vb[i], out=o[i])
-                        else:
-                            torch.matmul(probs, vb, out=o)
-                        out[b0:b1, :, start:stop].copy_(o)
+                        o = scratch_("out", (b1 - b0, H, stop - start, dv))
+                        if in_place and b1 - b0 == 1:  # straight from the model's (strided) values
+                            torch.bmm(probs[0], values[b0], out=scratch_("out", (H, stop - start, dv)))
+                        else:  # one batched product for the block, from contiguous values
+                            if not in_place:
+                                vb = values[b0:b1]
+                            elif held is None or held[:2] != (b0, b1):
+                                held = (b0, b1, copy_to_scratch(scratch_, "vb", values[b0:b1]))
+                            torch.matmul(probs, held[2] if in_place else vb, out=o)
+                        (out[b0:b1] if (start, stop) == (0, T) else out[b0:b1, :, start:stop]).copy_(o)
                     if stop > self.prefix:
-                        yield b0, probs[:, :, max(0, self.prefix - start) :]
+                        yield b0, probs if start >= self.prefix else probs[:, :, self.prefix - start :]
 
             prev = self._previous(layer, "qk", q.shape) if self._keep_attention else None
             prev_chunks = None
@@ -492,7 +505,8 @@ class OversmoothingCapture:
                 prev_chunks = measured(prev[2], prev[3], prev[4], prev[5])
             self._prev_attention = (layer, "qk", q, k, scale, bias) if self._keep_attention else None
             current = measured(q, k, scale, bias, v, scratch)
-            self._reduce_rows(layer, current, prev_chunks, positions, softmax_rows=True)
+            shape = (B, H, T - self.prefix)
+            self._reduce_rows(layer, current, prev_chunks, positions, softmax_rows=True, shape=shape)
             for _ in current:  # with values, every block feeds the output, measured or not
                 pass
             return out
@@ -505,7 +519,9 @@ class OversmoothingCapture:
                 positions = self._token_positions(probs.shape[-1], probs.device)
             prev = self._previous(layer, "probs", rows.shape) if self._keep_attention else None
             self._prev_attention = (layer, "probs", rows) if self._keep_attention else None
-            self._reduce_rows(layer, [rows], None if prev is None else [prev[2]], positions)
+            self._reduce_rows(
+                layer, [rows], None if prev is None else [prev[2]], positions, shape=tuple(rows.shape[:-1])
+            )
 
     # -- context -----------------------------------------------------------------------------------------------
     @property

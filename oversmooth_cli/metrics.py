@@ -20,6 +20,7 @@ statistics over images live in :mod:`oversmooth_cli.accumulate`, token positions
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ __all__ = [
     "metric_def",
     "parse_metrics",
     "rank_collapse",
+    "scalar_like",
     "softmax_row_std",
     "split_metrics",
     "to_float",
@@ -71,6 +73,22 @@ EPS = 1e-8
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """Metric arithmetic is float32 or wider, whatever the model's autocast dtype."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+@functools.lru_cache(maxsize=64)
+def _scalar_on(value: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(value, device=device, dtype=dtype)
+
+
+def scalar_like(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-d tensor of ``like``'s device and dtype, for elementwise operations on blocks.
+
+    An operation given a Python number first turns it into a tensor, a conversion and a copy that cost as much as
+    the arithmetic on a cache-sized block; in inference mode the tensor is made once per value, device and dtype.
+    """
+    if torch.is_inference_mode_enabled():  # made and used in inference mode only
+        return _scalar_on(value, like.device, like.dtype)
+    return torch.tensor(value, device=like.device, dtype=like.dtype)
 
 
 def token_cosine(tokens: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -121,7 +139,9 @@ def attention_row_std(probs: torch.Tensor, block_elements: int = 1 << 20) -> tor
     return (norms[0] if len(norms) == 1 else torch.cat(norms, dim=-1)) / math.sqrt(p.shape[-1])
 
 
-def softmax_row_std(probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def softmax_row_std(
+    probs: torch.Tensor, centred: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`attention_row_std` of softmax rows (rows that sum to 1): ``|p - 1/K| / sqrt(K)``.
 
     The mean of such a row is ``1/K``, so the centring needs no pass of its own: one subtraction and one norm, each
@@ -131,15 +151,22 @@ def softmax_row_std(probs: torch.Tensor, out: torch.Tensor | None = None) -> tor
 
     Args:
         probs: ``(..., Q, K)`` softmax attention.
-        out: memory of ``probs``' shape (float32 or wider) for ``p - 1/K``; default: a new tensor.
+        centred: memory of ``probs``' shape (float32 or wider) for ``p - 1/K``; default: a new tensor.
+        out: ``(..., Q)`` memory for the result; default: a new tensor.
 
     Returns:
-        ``(..., Q)``.
+        ``(..., Q)`` (``out`` when given).
     """
     p = to_float(probs)
     keys = p.shape[-1]
-    centred = p - 1.0 / keys if out is None else torch.sub(p, 1.0 / keys, out=out)
-    return torch.linalg.vector_norm(centred, dim=-1) / math.sqrt(keys)
+    if centred is None:
+        centred = p - 1.0 / keys
+    else:
+        torch.sub(p, scalar_like(1.0 / keys, p), out=centred)
+    if out is None:
+        return torch.linalg.vector_norm(centred, dim=-1) / math.sqrt(keys)
+    torch.linalg.vector_norm(centred, dim=-1, out=out)
+    return out.mul_(scalar_like(1.0 / math.sqrt(keys), out))
 
 
 def attention_std(probs: torch.Tensor) -> torch.Tensor:

@@ -120,4 +120,4 @@ def test_softmax_row_std_equals_the_two_pass_std_for_softmax_rows(keys):
     want = probs.double().std(-1, correction=0)
     torch.testing.assert_close(softmax_row_std(probs).double(), want, atol=1e-7, rtol=0)
     out = torch.empty(probs.shape)
-    torch.testing.assert_close(softmax_row_std(probs, out=out), attention_row_std(probs), atol=1e-7, rtol=0)
+    torch.testing.assert_close(softmax_row_std(probs, centred=out), attention_row_std(probs), atol=1e-7, rtol=0)

@@ -98,9 +98,9 @@ def test_iter_attention_probs_with_scratch_memory_is_the_same_and_allocates_no_c
     bias = torch.randn(1, H, T, T)
     memory: dict[str, torch.Tensor] = {}
 
-    def scratch(slot: str, n: int) -> torch.Tensor:
+    def scratch(slot: str, shape: tuple[int, ...]) -> torch.Tensor:
         memory.setdefault(slot, torch.empty(B * H * T * max(T, dh)))
-        return memory[slot][:n]
+        return memory[slot][: math.prod(shape)].view(shape)
 
     plain = [c.clone() for c in iter_attention_probs(q, k, 0.5, query_start, bias=bias, max_elements=max_elements)]
     pointers = set()
