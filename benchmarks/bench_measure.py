@@ -21,10 +21,12 @@ Rows 1-3 run once per ``--img-size``. Then peak RSS of ``measure`` on N and on 1
 process with ``workers=0`` (decoding in that process too; ``resource.getrusage(...).ru_maxrss``).
 
 Rates are images per wall-clock second; ``cpu img/s`` divides by this process's CPU time instead (all its threads).
-Every ratio is printed with the range of its per-repeat ratios (repeat ``i`` of one row against repeat ``i`` of the
-other: they ran back to back). ``--runs K`` repeats the whole comparison in K fresh processes and prints the median
-and the range of every ratio over the runs: state figures from several runs, and from several invocations, since
-one process can be luckier than the next (memory layout, which core it starts on, what else runs).
+A ratio is the median over repeats of the paired ratio (repeat ``i`` of one row against repeat ``i`` of the other:
+they ran back to back, in alternating order, so slow drifts of a shared machine hit both), printed with its range
+and with the ratio of the rows' median rates. ``--runs K`` repeats the whole comparison in K fresh processes and
+prints the median and the range of every ratio over the runs: state figures from several runs, and from several
+invocations, since one process can be luckier than the next (memory layout, which core it starts on, what else
+runs).
 
 Run from the repository root, on a quiet machine (the load average is printed)::
 
@@ -162,13 +164,15 @@ def timed(fn: Callable[[], object]) -> tuple[float, float, float | None]:
 
 
 def interleaved(rows: dict[str, Row], repeats: int) -> dict[str, list[tuple[float, float, float | None]]]:
-    """``(wall, cpu)`` seconds per row per repeat; each repeat runs every row once, in turn, after one warm-up each."""
+    """``(wall, cpu)`` seconds per row per repeat; each repeat runs every row once, in turn, after one warm-up each.
+    Odd repeats run the rows in reverse order (A B, B A, ...), so a row never always runs first."""
     for _timed, warm in rows.values():
         warm()
     seconds: dict[str, list[tuple[float, float, float | None]]] = {name: [] for name in rows}
-    for _ in range(repeats):
-        for name, (fn, _warm) in rows.items():
-            seconds[name].append(timed(fn))
+    names = list(rows)
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            seconds[name].append(timed(rows[name][0]))
     return seconds
 
 
@@ -379,8 +383,9 @@ RATIOS = (  # (numerator row, denominator row, target)
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Every ratio of :data:`RATIOS` whose rows ran: by wall-clock rate, by CPU-time rate, and per repeat (repeat
-    ``i`` of one row against repeat ``i`` of the other, which ran right after it)."""
+    """Every ratio of :data:`RATIOS` whose rows ran. ``value``: the median over repeats of the paired ratio (repeat
+    ``i`` of one row against repeat ``i`` of the other, which ran right before or after it: slow drifts of a shared
+    machine cancel); ``of_medians``: the ratio of the rows' median rates; ``cpu``: the same by CPU-time rate."""
     by = {(r["row"].split()[0], r["img_size"]): r for r in rows}
     out = []
     for size in sorted({r["img_size"] for r in rows}):
@@ -395,7 +400,8 @@ def ratios(rows: list[dict]) -> list[dict]:
                     "name": f"({a})/({b})",
                     "img_size": size,
                     "target": target,
-                    "value": ra["rate"] / rb["rate"],
+                    "value": statistics.median(paired),
+                    "of_medians": ra["rate"] / rb["rate"],
                     "cpu": ra["cpu_rate"] / rb["cpu_rate"],
                     "repeats": paired,
                 }
@@ -407,8 +413,9 @@ def ratio_lines(found: list[dict]) -> list[str]:
     lines = []
     for r in found:
         line = (
-            f"{r['name']:<10} at {r['img_size']}: {r['value']:.3f}  (cpu {r['cpu']:.3f}; per repeat "
-            f"{min(r['repeats']):.3f}..{max(r['repeats']):.3f})"
+            f"{r['name']:<10} at {r['img_size']}: {r['value']:.3f}  (median of {len(r['repeats'])} paired repeats, "
+            f"{min(r['repeats']):.3f}..{max(r['repeats']):.3f}; ratio of medians {r['of_medians']:.3f}, "
+            f"cpu {r['cpu']:.3f})"
         )
         lines.append(line + (f"   [target {r['target']}]" if r["target"] else ""))
     return lines
@@ -492,11 +499,15 @@ def many_runs(args: argparse.Namespace, argv: list[str]) -> None:
     summary = []
     for (name, size), rs in found.items():
         values, cpus = [r["value"] for r in rs], [r["cpu"] for r in rs]
+        of_medians = [r["of_medians"] for r in rs]
         target = rs[0]["target"]
-        summary.append({"name": name, "img_size": size, "values": values, "cpu": cpus, "target": target})
+        summary.append(
+            {"name": name, "img_size": size, "values": values, "of_medians": of_medians, "cpu": cpus, "target": target}
+        )
         print(
             f"{name:<10} at {size}: median {statistics.median(values):.3f}, range {min(values):.3f}..{max(values):.3f}"
-            f"  (cpu median {statistics.median(cpus):.3f}, {min(cpus):.3f}..{max(cpus):.3f})"
+            f" of the runs' paired medians  (ratio of medians: median {statistics.median(of_medians):.3f}, "
+            f"{min(of_medians):.3f}..{max(of_medians):.3f}; cpu {statistics.median(cpus):.3f})"
             + (f"   [target {target}]" if target else "")
         )
     if rss:
@@ -511,7 +522,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, nargs="+", default=[224], help="input sizes for rows 1-3")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--batches", type=int, default=1, help="in-memory batches per timed pass (rows 1-3)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (the median is reported)")
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats per row (medians are reported)")
     p.add_argument("--runs", type=int, default=1, help="repeat everything in this many fresh processes")
     p.add_argument("--rows", default="1,2,2q,2s,3,4", help="comma-separated rows to run (1,2,2q,2s,3,4,4a)")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="image folder for row 4 and the RSS runs")
