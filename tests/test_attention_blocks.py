@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from oversmooth_cli.attention import block_plan, iter_attention_blocks
+from oversmooth_cli.attention import Scratch, block_plan, iter_attention_blocks
 from oversmooth_cli.capture import OversmoothingCapture
-from oversmooth_cli.metrics import attention_row_std, softmax_row_std
+from oversmooth_cli.metrics import attention_row_std, scalar_like, softmax_row_std
 
 from ._helpers import compat_table
 
@@ -121,3 +121,49 @@ def test_softmax_row_std_equals_the_two_pass_std_for_softmax_rows(keys):
     torch.testing.assert_close(softmax_row_std(probs).double(), want, atol=1e-7, rtol=0)
     out = torch.empty(probs.shape)
     torch.testing.assert_close(softmax_row_std(probs, centred=out), attention_row_std(probs), atol=1e-7, rtol=0)
+
+
+def test_softmax_row_std_writes_into_out_and_matches_the_float64_std():
+    gen = torch.Generator().manual_seed(3)
+    probs = (torch.randn(2, 3, 6, 11, generator=gen) * 3).softmax(-1)
+    centred, out = torch.empty(probs.shape), torch.full((2, 3, 6), float("nan"))
+    got = softmax_row_std(probs, centred=centred, out=out)
+    assert got is out
+    torch.testing.assert_close(out.double(), probs.double().std(-1, correction=0), atol=1e-7, rtol=0)
+
+
+def test_scratch_views_are_kept_per_shape_and_share_their_slot():
+    scratch = Scratch()
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        a = scratch.view("probs", (2, 3, 4), cpu, torch.float32)
+        assert scratch.view("probs", (2, 3, 4), cpu, torch.float32) is a, "the same shape gives the same view"
+        b = scratch.view("probs", (6, 4), cpu, torch.float32)
+        assert b.data_ptr() == a.data_ptr() and b.is_contiguous(), "another shape views the same memory"
+        bigger = scratch.view("probs", (100,), cpu, torch.float32)  # the slot grows: old views are not reused
+        assert scratch.view("probs", (2, 3, 4), cpu, torch.float32).data_ptr() == bigger.data_ptr()
+        assert scratch.view("probs", (2, 3, 4), cpu, torch.float64).dtype == torch.float64
+    outside = scratch.view("probs", (2, 3, 4), cpu, torch.float64)  # inference tensors cannot be written outside
+    assert not outside.is_inference()
+    outside.fill_(1.0)
+
+
+def test_scalar_like_has_the_dtype_and_device_and_is_made_once_in_inference_mode():
+    x = torch.zeros(3, dtype=torch.float64)
+    with torch.inference_mode():
+        c = scalar_like(0.1, x)
+        assert c.dtype == torch.float64 and c.dim() == 0 and c.item() == 0.1
+        assert scalar_like(0.1, x) is c
+    outside = scalar_like(0.1, x)
+    assert not outside.is_inference() and outside.item() == 0.1
+
+
+def test_blocks_under_cpu_autocast_stay_float32():
+    gen = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(B, H, T, DH, generator=gen) for _ in range(2))
+    want = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1)
+    scratch = Scratch().bind(torch.device("cpu"), torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for b0, b1, start, probs in iter_attention_blocks(q, k, 0.5, 0, None, 1 << 24, scratch, 2 * H * T * T):
+            assert probs.dtype == torch.float32
+            torch.testing.assert_close(probs, want[b0:b1, :, start : start + probs.shape[-2]], atol=1e-6, rtol=0)
