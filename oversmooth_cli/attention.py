@@ -29,7 +29,6 @@ __all__ = [
     "iter_attention_blocks",
     "iter_attention_probs",
     "reads_in_place",
-    "scratch_slot",
 ]
 
 ScratchFn = Callable[[str, tuple[int, ...]], torch.Tensor]
@@ -239,11 +238,6 @@ def iter_attention_probs(
     """
     for _b0, _b1, _start, probs in iter_attention_blocks(q, k, scale, query_start, bias, max_elements, scratch):
         yield probs
-
-
-def scratch_slot(scratch: ScratchFn, slot: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A contiguous ``shape`` view of the scratch memory ``slot``."""
-    return scratch(slot, tuple(shape))
 
 
 def copy_to_scratch(scratch: ScratchFn, slot: str, x: torch.Tensor) -> torch.Tensor:

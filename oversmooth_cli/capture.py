@@ -372,8 +372,9 @@ class OversmoothingCapture:
             shape: ``(batch rows, H, query rows)`` that the chunks cover together.
         """
         start = self.prefix if query_start is None else query_start
-        row_metrics = [(n, m, self._row_metric(m, softmax_rows)) for n, m in self.attention_metrics.items()]
-        row_metrics = [(n, m, fn) for n, m, fn in row_metrics if m.inputs == "rows"]
+        row_metrics = [
+            (n, m, self._row_metric(m, softmax_rows)) for n, m in self.attention_metrics.items() if m.inputs == "rows"
+        ]
         pair_metrics = {n: m for n, m in self.attention_metrics.items() if m.inputs == "consecutive"}
         values: dict[str, torch.Tensor] = {}  # per row metric: (batch rows, H, query rows), filled block by block
         skipped: set[str] = set()  # row metrics that some block could not give

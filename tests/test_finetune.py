@@ -83,15 +83,11 @@ def full_run(digits, tmp_path_factory: pytest.TempPathFactory):
     """One uninterrupted 2-epoch CLI run with every loss term (shared by the output and the resume tests)."""
     train, val = digits
     out = tmp_path_factory.mktemp("full") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         res = invoke(
             "finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, "--loss", "cos,cons,token",
             "--cutmix-prob", "1", *COMMON, *MODEL_ARGS,
         )  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
     return out, res
 
 
@@ -444,15 +440,11 @@ def control_run(digits, tmp_path_factory: pytest.TempPathFactory):
     """One CLI run with every loss term and --control (5 steps per arm)."""
     train, val = digits
     out = tmp_path_factory.mktemp("control") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         res = invoke(
             "finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, "--loss", "cos,cons,token", "--control",
             *CONTROL_OPTIONS, *MODEL_ARGS,
         )  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
     return out, res
 
 
