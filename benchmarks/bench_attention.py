@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from oversmooth_cli.attention import CPU_BLOCK_ELEMENTS, block_plan
-from oversmooth_cli.capture import OversmoothingCapture
-from oversmooth_cli.models import load_model
+from oversmooth_cli.reading.attention import CPU_BLOCK_ELEMENTS, block_plan
+from oversmooth_cli.reading.capture import OversmoothingCapture
+from oversmooth_cli.reading.loading import load_model
 
 
 def interleaved(cases: dict[str, Callable[[], object]], samples: int, inner: int) -> dict[str, list[float]]:

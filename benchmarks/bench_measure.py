@@ -60,11 +60,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from oversmooth_cli.accumulate import OversmoothingAccumulator
-from oversmooth_cli.capture import OversmoothingCapture
 from oversmooth_cli.data import build_loader, build_transform, find_images
-from oversmooth_cli.measure import measure, measure_batches
-from oversmooth_cli.models import LoadedModel, load_model
+from oversmooth_cli.measuring.run import measure, measure_batches
+from oversmooth_cli.metrics.accumulate import OversmoothingAccumulator
+from oversmooth_cli.reading.capture import OversmoothingCapture
+from oversmooth_cli.reading.loading import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "images"

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from timm.data import ImageDataset, create_transform
 
-from oversmooth_cli.models import load_model
-from oversmooth_cli.monitor import OversmoothingMonitor
+from oversmooth_cli.measuring.monitor import OversmoothingMonitor
+from oversmooth_cli.reading.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DIGITS = REPO.parent / "shared" / "data" / "digits" / "train"

@@ -45,8 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from oversmooth_cli.errors import UserError  # noqa: E402
-from oversmooth_cli.finetune import FinetuneConfig, finetune  # noqa: E402
-from oversmooth_cli.training import NonFiniteLossError  # noqa: E402
+from oversmooth_cli.training.finetune import FinetuneConfig, finetune  # noqa: E402
+from oversmooth_cli.training.trainer import NonFiniteLossError  # noqa: E402
 
 ARMS = {"none": (), "cos,cons,token": ("cos", "cons", "token")}
 """The two arms: cross-entropy alone, and cross-entropy plus every patch-diversification term."""

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from timm.data import ImageDataset, create_transform
 
+from oversmooth_cli import PatchDiversificationLoss, load_model
 from oversmooth_cli.integrations.lightning import OversmoothingCallback
-from oversmooth_cli.losses import PatchDiversificationLoss
-from oversmooth_cli.models import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,10 +21,8 @@ import torch
 from timm.data import ImageDataset, create_transform
 from timm.loss import SoftTargetCrossEntropy
 
-from oversmooth_cli.losses import PatchDiversificationLoss, patch_cutmix, smooth_one_hot
-from oversmooth_cli.models import load_model
-from oversmooth_cli.monitor import OversmoothingMonitor
-from oversmooth_cli.report import plot_monitor_heatmap, save_figure
+from oversmooth_cli import OversmoothingMonitor, PatchDiversificationLoss, load_model, patch_cutmix, smooth_one_hot
+from oversmooth_cli.plots import plot_monitor_heatmap, save_figure
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from timm.data import ImageDataset, create_transform
 
+from oversmooth_cli import OversmoothingMonitor, load_model
 from oversmooth_cli.integrations.tensorboard import TensorBoardWriter
-from oversmooth_cli.models import load_model
-from oversmooth_cli.monitor import OversmoothingMonitor
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,6 +6,11 @@ The command line (``oversmooth``) is a thin layer over these functions::
     result = measure("examples/digits-vit", "examples/images", device="cpu")
     print(result.layers)
 
+The package is laid out by purpose: ``reading`` (a model: loading, family registry, attention, capture), ``metrics``
+(formulas, registry, accumulation), ``measuring`` (the measure run, its summary, the training monitor), ``training``
+(losses, trainer, finetune), ``gate`` (check, baseline, compare), ``integrations`` (optional extras) and ``cli``; beside
+them ``data`` (images), ``io`` (files), ``plots`` (figures), ``runtime`` (devices, processes) and ``errors``.
+
 Names are imported lazily, so ``oversmooth --help`` does not pay for importing torch and timm.
 """
 
@@ -17,20 +22,35 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "OversmoothingAccumulator": "accumulate",
-    "ADAPTERS": "adapters",
-    "register_adapter": "adapters",
-    "resolve_adapter": "adapters",
-    "OversmoothingCapture": "capture",
+    # measuring
+    "measure": "measuring.run",
+    "MeasureResult": "measuring.summary",
+    "write_run": "measuring.summary",
+    "OversmoothingMonitor": "measuring.monitor",
+    # reading a model
+    "LoadedModel": "reading.loading",
+    "load_model": "reading.loading",
+    "OversmoothingCapture": "reading.capture",
+    "ADAPTERS": "reading.registry",
+    "register_adapter": "reading.registry",
+    "resolve_adapter": "reading.registry",
+    # metrics
+    "METRICS_VERSION": "metrics.registry",
+    "attention_std": "metrics.formulas",
+    "token_cosine": "metrics.formulas",
+    "OversmoothingAccumulator": "metrics.accumulate",
+    # training (finetune() itself: oversmooth_cli.training.finetune)
+    "FinetuneConfig": "training.config",
+    "PatchDiversificationLoss": "training.losses",
+    "patch_cutmix": "training.cutmix",
+    "smooth_one_hot": "training.cutmix",
+    # the gate
+    "check_runs": "gate.check",
+    "Tolerance": "gate.tolerances",
+    "make_baseline": "gate.baseline",
+    "compare_runs": "gate.compare",
+    "load_run": "gate.runs",
     "UserError": "errors",
-    "MeasureResult": "measure",
-    "measure": "measure",
-    "write_run": "measure",
-    "METRICS_VERSION": "metrics",
-    "attention_std": "metrics",
-    "token_cosine": "metrics",
-    "LoadedModel": "models",
-    "load_model": "models",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -42,9 +42,14 @@ __all__ = [
     "train_transform",
 ]
 
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
 _BINARY = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")
 """Control bytes no text list of paths holds (tabs, line ends and form feeds are text)."""
+
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 

@@ -372,11 +372,11 @@ def _photos(n: int = 2) -> list[Path]:
 
 def measure_family(family: str, images: list[Path]) -> FamilyResult:
     """Build the family's small model and run it through :func:`~oversmooth_cli.measure.measure` on the CPU."""
-    from oversmooth_cli.adapters import ADAPTERS, UNSUPPORTED
     from oversmooth_cli.errors import UserError
-    from oversmooth_cli.measure import measure
-    from oversmooth_cli.metrics import TOKEN_METRICS
-    from oversmooth_cli.models import LoadedModel, resolve_data_config
+    from oversmooth_cli.measuring.run import measure
+    from oversmooth_cli.metrics.registry import TOKEN_METRICS
+    from oversmooth_cli.reading.loading import LoadedModel, resolve_data_config
+    from oversmooth_cli.reading.registry import ADAPTERS, UNSUPPORTED
 
     recipe = SMALL_MODELS.get(family)
     if recipe is None:
@@ -423,10 +423,10 @@ def finetune_family(family: str, images: list[Path]) -> tuple[tuple[str, ...], t
 
     from oversmooth_cli.data import build_transform, load_rgb
     from oversmooth_cli.errors import UserError
-    from oversmooth_cli.finetune_config import FinetuneConfig
-    from oversmooth_cli.losses import LOSS_TERMS, PatchDiversificationLoss
-    from oversmooth_cli.models import resolve_data_config
-    from oversmooth_cli.training import StopRequest, Trainer
+    from oversmooth_cli.reading.loading import resolve_data_config
+    from oversmooth_cli.training.config import FinetuneConfig
+    from oversmooth_cli.training.losses import LOSS_TERMS, PatchDiversificationLoss
+    from oversmooth_cli.training.trainer import StopRequest, Trainer
 
     recipe = SMALL_MODELS[family]
     passed, refused = [], []
@@ -586,7 +586,7 @@ def attention_modules(rescan: bool = False) -> dict[str, dict[str, Any]]:
         print(f"{module:28s} {hit[0] if hit else '-'}", file=sys.stderr)
         if hit:
             found[module] = {"model": hit[0], "classes": hit[1]}
-    from oversmooth_cli.report import atomic_write
+    from oversmooth_cli.io import atomic_write
 
     text = json.dumps(
         {"timm": timm.__version__, "rule": "scripts/compat_table.py has_attention", "modules": found}, indent=1
@@ -598,7 +598,7 @@ def attention_modules(rescan: bool = False) -> dict[str, dict[str, Any]]:
 def families(rescan: bool = False) -> list[str]:
     """Every attention family (:func:`attention_modules`): those with an adapter first, in registry order, then the
     rest in timm's order."""
-    from oversmooth_cli.adapters import ADAPTERS
+    from oversmooth_cli.reading.registry import ADAPTERS
 
     modules = attention_modules(rescan)
     return [f for f in ADAPTERS if f in modules] + [f for f in modules if f not in ADAPTERS]
@@ -632,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{DOC} is out of date: run python scripts/compat_table.py", file=sys.stderr)
             return 1
         return 0
-    from oversmooth_cli.report import atomic_write
+    from oversmooth_cli.io import atomic_write
 
     atomic_write(DOC, lambda p: p.write_text(text))
     print(f"wrote {DOC}: {sum(r.status == 'measured' for r in results)} of {len(results)} families measured")

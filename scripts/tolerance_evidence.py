@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from oversmooth_cli.measure import measure
-from oversmooth_cli.models import LoadedModel, load_model
+from oversmooth_cli.measuring.run import measure
+from oversmooth_cli.reading.loading import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = sorted((REPO / "examples" / "images" / "digits").glob("*.png"))

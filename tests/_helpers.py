@@ -26,7 +26,7 @@ from click.testing import Result
 from torch.overrides import TorchFunctionMode
 from typer.testing import CliRunner
 
-from oversmooth_cli.cli import app
+from oversmooth_cli.cli.app import app
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

@@ -6,13 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oversmooth_cli.data import (
-    build_loader,
-    find_images,
-    load_rgb,
-    sample_paths,
-    shard_paths,
-)
+from oversmooth_cli.data import build_loader, find_images, load_rgb, sample_paths, shard_paths
 from oversmooth_cli.errors import UserError
 
 from ._helpers import PHOTOS

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from oversmooth_cli.data import shard_paths
-from oversmooth_cli.measure import measure
+from oversmooth_cli.measuring.run import measure
 
 from ._helpers import PHOTOS, invoke
 
@@ -114,22 +114,22 @@ def _rank_main(rank: int, world: int, port: int, paths: dict[str, str], result_d
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from oversmooth_cli import measure as M
-    from oversmooth_cli import runtime as D
+    from oversmooth_cli import runtime
+    from oversmooth_cli.measuring import run
 
     shards: list[list[str]] = []
-    real_loader = M.build_loader
+    real_loader = run.build_loader
 
     def recording_loader(paths, *args, **kwargs):
         shards.append([str(p) for p in paths])
         return real_loader(paths, *args, **kwargs)
 
-    M.build_loader = recording_loader
+    run.build_loader = recording_loader
     try:
         args = ["measure", paths["model"], paths["folder"], "--out", paths["out"], "--device", "cpu", "-b", "2"]
         cli = invoke(*args, "--json")
         joined = dist.is_initialized() and dist.get_world_size() == world
-        one = M.measure(paths["model"], paths["one"], device="cpu", batch_size=2, command="spawned")
+        one = run.measure(paths["model"], paths["one"], device="cpu", batch_size=2, command="spawned")
         result = {
             "exit_code": cli.exit_code,
             "error": repr(cli.exception) if cli.exception else None,
@@ -140,7 +140,7 @@ def _rank_main(rank: int, world: int, port: int, paths: dict[str, str], result_d
         }
         Path(result_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
     finally:
-        D.shutdown()
+        runtime.shutdown()
 
 
 def test_two_ranks_shard_once_sum_and_only_rank0_writes(tmp_path: Path, tiny_folder: Path, image_dir: Path) -> None:
@@ -190,7 +190,7 @@ def test_channels_last_gives_the_same_tables(tmp_path: Path, tiny_folder: Path, 
 
 
 def test_channels_last_restores_the_model_layout(tiny_model, few_images: Path) -> None:
-    from oversmooth_cli.models import LoadedModel, resolve_data_config
+    from oversmooth_cli.reading.loading import LoadedModel, resolve_data_config
 
     loaded = LoadedModel(tiny_model, "tiny", "vit_tiny_patch16_224", resolve_data_config(tiny_model))
     measure(loaded, few_images, device="cpu", channels_last=True, command="t")
@@ -212,10 +212,10 @@ def test_compile_failure_falls_back_with_one_warning_line(
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     common = ["measure", tiny_folder, few_images, "--device", "cpu", "--quiet"]
-    with caplog.at_level(logging.WARNING, logger="oversmooth_cli.measure"):
+    with caplog.at_level(logging.WARNING, logger="oversmooth_cli.measuring.run"):
         res = invoke(*common, "--out", tmp_path / "compiled", "--compile")
     assert res.exit_code == 0, res.output
-    warnings = [r.getMessage() for r in caplog.records if r.name == "oversmooth_cli.measure"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "oversmooth_cli.measuring.run"]
     assert warnings == [
         "torch.compile failed (RuntimeError: InductorError: no working C++ compiler); measuring without compilation"
     ]
@@ -232,14 +232,14 @@ def test_compile_failure_falls_back_with_one_warning_line(
 def test_compile_unavailable_at_wrap_time_also_falls_back(
     tiny_model, few_images: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from oversmooth_cli.models import LoadedModel, resolve_data_config
+    from oversmooth_cli.reading.loading import LoadedModel, resolve_data_config
 
     def unsupported(fn, *args, **kwargs):
         raise RuntimeError("torch.compile is not supported on this Python")
 
     monkeypatch.setattr(torch, "compile", unsupported)
     loaded = LoadedModel(tiny_model, "tiny", "vit_tiny_patch16_224", resolve_data_config(tiny_model))
-    with caplog.at_level(logging.WARNING, logger="oversmooth_cli.measure"):
+    with caplog.at_level(logging.WARNING, logger="oversmooth_cli.measuring.run"):
         result = measure(loaded, few_images, device="cpu", compile=True, command="t")
     assert len(caplog.records) == 1 and "not supported on this Python" in caplog.records[0].getMessage()
     assert result.summary["run"]["compiled"] is False and result.summary["images"]["measured"] == 5

@@ -11,8 +11,6 @@ needs them:
 
 from __future__ import annotations
 
-__all__: list[str] = []
-
 
 def missing_extra(module: str, extra: str, what: str) -> ImportError:
     """The one-line error for an integration whose optional dependency is not installed."""

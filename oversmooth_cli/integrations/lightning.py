@@ -35,11 +35,10 @@ except ImportError:
         import pytorch_lightning as pl
     except ImportError as e:
         raise missing_extra("lightning", "lightning", "PyTorch Lightning") from e
-
 from ..data import find_images
 from ..errors import UserError
-from ..metrics import DEFAULT_METRICS, parse_metrics
-from ..monitor import MONITOR_COLUMNS, OnMeasure, OversmoothingMonitor
+from ..measuring.monitor import MONITOR_COLUMNS, OnMeasure, OversmoothingMonitor
+from ..metrics.registry import DEFAULT_METRICS, parse_metrics
 
 __all__ = ["OversmoothingCallback", "metric_key"]
 

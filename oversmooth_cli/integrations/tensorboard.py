@@ -28,9 +28,8 @@ try:
     from torch.utils.tensorboard import SummaryWriter
 except ImportError as e:  # torch.utils.tensorboard needs the tensorboard package
     raise missing_extra("tensorboard", "tensorboard", "TensorBoard") from e
-
-from ..monitor import MONITOR_COLUMNS
-from ..report import plot_monitor_heatmap
+from ..measuring.monitor import MONITOR_COLUMNS
+from ..plots import plot_monitor_heatmap
 
 __all__ = ["TensorBoardWriter", "scalar_tag"]
 

@@ -1,0 +1,196 @@
+"""``oversmooth finetune``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.progress import Progress
+from rich.table import Table
+
+from ..errors import UserError
+from ..training.config import FinetuneConfig
+from .app import _is_main, command, command_line, default_out, err_console, make_progress, out_console
+from .options import DeviceOpt, ModelArg, ModelOptions, QuietOpt, WorkersOpt, config_options
+
+
+@command("finetune")
+@config_options(ModelOptions, into="loading")
+@config_options(FinetuneConfig, into="config")
+def finetune_cmd(
+    model: ModelArg,
+    train_dir: Annotated[
+        Path, typer.Argument(help="Training images, one sub-folder per class (ImageFolder layout).", show_default=False)
+    ],
+    val_dir: Annotated[
+        Path | None, typer.Option("--val-dir", help="Validation images with the same class sub-folders.")
+    ] = None,
+    *,
+    config: FinetuneConfig,
+    loading: ModelOptions,
+    workers: WorkersOpt = 0,
+    device: DeviceOpt = "auto",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Run folder.", show_default="oversmooth-runs/finetune-<model>-<timestamp>"),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the outputs of a run in --out.")] = False,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this folder (same options) from its last save.")
+    ] = None,
+    control: Annotated[
+        bool,
+        typer.Option(
+            "--control",
+            help="Also train the --loss none twin (same seed, samples, augmentations, CutMix draws) into OUT/control "
+            "and write side_by_side.png/.csv/.json with a verdict on the accuracy difference.",
+        ),
+    ] = False,
+    monitor_every: Annotated[
+        int | None,
+        typer.Option(
+            "--monitor-every",
+            min=0,
+            help="Measure over-smoothing on up to 64 validation images every N optimizer steps (and before the first) "
+            "into monitor.csv and monitor.png, a layer x step heatmap; 0: off.",
+            show_default="once per epoch",
+        ),
+    ] = None,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard",
+            help="Also write the monitor's per-layer curves and heatmap as TensorBoard event files into OUT/tb "
+            "(needs the tensorboard extra).",
+        ),
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune a timm ViT with cross-entropy plus the patch-diversification losses (cos, cons, token).
+
+    Total loss = CE + w_cos * l_cos + w_cons * l_cons + w_token * l_token (Gong et al. 2021). Writes into --out:
+    **checkpoint-last/best.safetensors** + **config.json** (`oversmooth measure OUT` loads the best),
+    **train_state.pt** (for --resume), **history.csv**, **before/** and **after/** (measure runs on the validation
+    images), **compare.png** and **training.png**, **monitor.csv** and **monitor.png** (over-smoothing on the
+    validation images while training, --monitor-every). Ctrl-C saves a resumable checkpoint.
+
+    Several GPUs: `torchrun --nproc_per_node=N -m oversmooth_cli finetune ...`.
+
+    Example: `oversmooth finetune examples/digits-vit data/train --val-dir data/val --loss cos,cons,token`
+    """
+    from ..training.finetune import finetune
+
+    if resume is not None and out is not None and out.resolve() != resume.resolve():
+        raise UserError(f"--resume {resume} continues the run in that folder; drop --out {out} or make them equal")
+    if resume is None:
+        base = default_out(model)
+        out = out or base.parent / f"finetune-{base.name}"
+    say = (lambda msg: err_console.print(f"[cyan]Note:[/] {escape(msg)}", highlight=False)) if not quiet else None
+    with make_progress(quiet, unit="steps") as progress:
+        on_step, on_epoch = _training_callbacks(progress, config.epochs, quiet)
+        result = finetune(
+            model,
+            train_dir,
+            resume or out,
+            config,
+            val_dir=val_dir,
+            **loading.load_kwargs(),
+            device=device,
+            workers=workers,
+            resume=resume is not None,
+            overwrite=overwrite,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            log=say if _is_main() else None,
+            command=command_line(),
+            control=control,
+            monitor_every=monitor_every,
+            tensorboard=tensorboard,
+        )
+    _finish_finetune(result, control, quiet)
+
+
+def _training_callbacks(progress: Progress, epochs: int, quiet: bool) -> tuple[Callable, Callable]:
+    """``on_step`` (one progress task per epoch, running loss terms) and ``on_epoch`` (one line per epoch)."""
+    tasks: dict[int, Any] = {}
+
+    def on_step(info: Any) -> None:
+        if info.epoch not in tasks:
+            tasks[info.epoch] = progress.add_task(f"epoch {info.epoch}/{info.epochs}", total=info.steps, rate="")
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in info.running.items())
+        progress.update(tasks[info.epoch], completed=info.step, rate=terms)
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        if tasks.get(row["epoch"]) is not None:
+            progress.remove_task(tasks.pop(row["epoch"]))
+        if quiet or not _is_main():
+            return
+        if row["epoch"] == 0:
+            line = f"before training  val loss {row['val_loss']:.4f}"
+        else:
+            line = f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}"
+        line += f"  val top-1 {row['val_top1']:.2f}%  last-layer token cosine {row['val_token_cosine']:.4f}"
+        progress.console.print(line + (f"  {row['seconds']:.1f}s" if row["epoch"] else ""), highlight=False)
+
+    return on_step, on_epoch
+
+
+def _finish_finetune(result: Any, control: bool, quiet: bool) -> None:
+    """Print a finished (or interrupted: exit 130) fine-tuning run: before/after lines, the side-by-side table."""
+    if not _is_main():
+        if result.interrupted:
+            raise typer.Exit(130)
+        return
+    target = escape(str(result.out))
+    if result.interrupted:
+        epoch, step = result.stopped_at
+        arm = " (control arm)" if result.control is not None and result.control.interrupted else ""
+        again = " --control" if control else ""
+        err_console.print(
+            f"[yellow]Interrupted[/] at epoch {epoch}, step {step}{arm}: saved a resumable checkpoint; "
+            f"continue with --resume {target}{again}",
+            highlight=False,
+        )
+        raise typer.Exit(130)
+    if quiet:
+        return
+    out_console.print(_before_after(result), highlight=False)
+    if result.control is not None:
+        out_console.print(f"control (--loss none): {_before_after(result.control)}", highlight=False)
+    if result.comparison is not None:
+        table = Table(title="side by side (final weights, validation images)", title_justify="left")
+        for name in ("arm", "val top-1 (95% CI)", "last-layer token cosine (95% CI)", "images"):
+            table.add_column(name, justify="left" if name == "arm" else "right")
+        for row in result.comparison.table.itertuples():
+            table.add_row(
+                row.arm,
+                f"{row.val_top1:.1f}% ({row.val_top1_ci95_low:.1f}-{row.val_top1_ci95_high:.1f})",
+                f"{row.token_cosine:.3f} ({row.token_cosine_ci95_low:.3f}-{row.token_cosine_ci95_high:.3f})",
+                str(row.n_images),
+            )
+        out_console.print(table)
+        out_console.print(result.comparison.verdict, highlight=False)
+    extra = ", control/, side_by_side.png/.csv/.json" if result.comparison is not None else ""
+    out_console.print(
+        f"Wrote {target}/ (checkpoint-last/best.safetensors, config.json, train_state.pt, history.csv, before/, "
+        f"after/, compare.png, training.png{extra})",
+        highlight=False,
+    )
+
+
+def _before_after(result: Any) -> str:
+    """``val top-1 96.9% -> 96.4%, last-layer token cosine 0.507 -> 0.213 (best ...)``: epoch 0 vs the last epoch."""
+    history = result.history
+    first, last = history.iloc[0], history.iloc[-1]
+    line = (
+        f"val top-1 {first['val_top1']:.1f}% -> {last['val_top1']:.1f}%, "
+        f"last-layer token cosine {first['val_token_cosine']:.3f} -> {last['val_token_cosine']:.3f}"
+    )
+    if int(first["epoch"]) != 0:
+        line += f" (from epoch {int(first['epoch'])}: this run has no epoch-0 row)"
+    if result.best_epoch is not None:
+        line += f"; best val top-1 {result.best_top1:.2f}% (epoch {result.best_epoch})"
+    return line

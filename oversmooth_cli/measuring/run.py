@@ -1,0 +1,290 @@
+"""``measure``: stream images through a model and reduce every layer to over-smoothing statistics.
+
+The command line is a thin wrapper over :func:`measure` and :func:`write_run`; both are importable::
+
+    from oversmooth_cli import measure, write_run
+    result = measure("examples/digits-vit", "examples/images")
+    write_run(result, "runs/digits")
+
+The path of the data: :func:`measure` finds and shards the images, loads the model and calls
+:func:`measure_batches` (forward passes under an :class:`~oversmooth_cli.capture.OversmoothingCapture` that feeds an
+:class:`~oversmooth_cli.accumulate.OversmoothingAccumulator`), sums the statistics over processes, and turns them into
+the per-layer and per-head tables plus :func:`build_summary`'s ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .. import runtime
+from ..data import build_loader, find_images, sample_paths, shard_paths
+from ..errors import UserError
+from ..io import HEAD_COLUMNS
+from ..metrics.accumulate import OversmoothingAccumulator
+from ..metrics.registry import (
+    DEFAULT_METRICS,
+    parse_metrics,
+    split_metrics,
+)
+from ..reading.capture import OversmoothingCapture
+from ..reading.loading import LoadedModel, load_model
+from ..reading.taps import UnsupportedModelError
+from .summary import BatchesResult, MeasureResult, _require_values, build_summary, describe_image_set, layer_table
+
+__all__ = ["measure", "measure_batches"]
+
+
+_log = logging.getLogger(__name__)
+
+
+ProgressFn = Callable[[int, int], None]
+"""``progress(images_done, images_total)`` called after every batch."""
+
+
+def _forward(model: torch.nn.Module, images: torch.Tensor) -> Any:
+    """Run the trunk only: the metrics need no classifier head."""
+    forward = getattr(model, "forward_features", None)
+    return forward(images) if callable(forward) else model(images)
+
+
+class _Forward:
+    """The forward pass :func:`measure_batches` runs: eager, or ``torch.compile``'d with an eager fallback.
+
+    Compilation happens at the first call; if it fails (no C++ compiler, an unsupported operator...), one warning
+    line is logged and every batch, that one included, runs eagerly. The capture's hooks run either way.
+    """
+
+    def __init__(self, model: torch.nn.Module, compile: bool = False) -> None:
+        self.model = model
+        self.compiled: Callable[[torch.Tensor], Any] | None = None
+        if compile:
+            try:
+                self.compiled = torch.compile(self.eager)
+            except Exception as e:  # torch.compile unsupported on this platform / Python
+                self._fall_back(e)
+
+    def eager(self, images: torch.Tensor) -> Any:
+        return _forward(self.model, images)
+
+    def _fall_back(self, error: BaseException) -> None:
+        self.compiled = None
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        _log.warning("torch.compile failed (%s: %s); measuring without compilation", type(error).__name__, first)
+
+    def __call__(self, images: torch.Tensor) -> Any:
+        if self.compiled is None:
+            return self.eager(images)
+        try:
+            return self.compiled(images)
+        except Exception as e:  # a genuine model error raises again from the eager pass
+            self._fall_back(e)
+            return self.eager(images)
+
+
+def measure_batches(
+    model: torch.nn.Module,
+    batches,
+    device: torch.device,
+    amp: bool = False,
+    metrics: str | Sequence[str] = DEFAULT_METRICS,
+    attention_tap: str = "auto",
+    on_batch: Callable[[int, list[tuple[int, str]]], None] | None = None,
+    include_prefix: bool = False,
+    *,
+    channels_last: bool = False,
+    compile: bool = False,
+    inference: bool = True,
+) -> BatchesResult:
+    """Reduce batches ``(images, indices, failures)`` to a filled accumulator (the core loop, no I/O).
+
+    Args:
+        model: eval-mode model already on ``device``.
+        batches: iterable of ``(images or None, indices, [(index, error)])`` as the loader yields them.
+        device: where the forward runs.
+        amp: bf16 autocast on CUDA (metric arithmetic stays float32).
+        metrics: names of token and attention metrics, or presets (see :func:`~oversmooth_cli.metrics.parse_metrics`).
+        attention_tap: ``auto``, ``qk``, ``inline`` or ``softmax`` (see :mod:`oversmooth_cli.adapters`).
+        on_batch: ``on_batch(n_images_in_batch, failures)`` after each batch.
+        include_prefix: token metrics measure prefix tokens too (``--include-prefix``).
+        channels_last: run the model and the images in ``torch.channels_last`` memory format (restored after).
+        compile: ``torch.compile`` the forward pass; falls back to eager with one warning line if that fails.
+        inference: run under ``torch.inference_mode`` (default) or ``torch.no_grad`` (the monitor, between training
+            steps: a tensor a module caches during the pass must stay usable by autograd afterwards).
+    """
+    token_metrics, attention_metrics = split_metrics(metrics)
+    acc = OversmoothingAccumulator()
+    non_blocking = device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    capture = OversmoothingCapture(
+        model, token_metrics, attention_metrics, attention_tap, include_prefix=include_prefix
+    )
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    forward = _Forward(model, compile)
+    try:
+        with capture as cap, torch.inference_mode() if inference else torch.no_grad():
+            for images, _indices, failures in batches:
+                n = 0
+                if images is not None:
+                    with runtime.autocast(device, amp):
+                        forward(images.to(device, non_blocking=non_blocking, memory_format=memory_format))
+                    acc.update(*cap.pop_batch())
+                    n = images.shape[0]
+                if on_batch is not None:
+                    on_batch(n, failures)
+            return BatchesResult(
+                acc, cap.layers, dict(cap.unavailable), cap.attention_tap, forward.compiled is not None
+            )
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
+
+
+@dataclass
+class _Reader:
+    """Per-batch bookkeeping of :func:`measure`: unreadable files (an error under ``strict``) and progress."""
+
+    paths: Sequence[Path]
+    """This process's shard of the images."""
+    total: int
+    strict: bool
+    progress: ProgressFn | None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    done: int = 0
+
+    def __call__(self, n: int, failures: list[tuple[int, str]]) -> None:
+        for i, err in failures:
+            if self.strict:
+                raise UserError(f"cannot read image {self.paths[i]}: {err} (drop --strict to skip unreadable files)")
+            self.skipped.append({"path": str(self.paths[i]), "reason": err})
+        self.done += n + len(failures)
+        if self.progress is not None and runtime.is_main():
+            self.progress(min(self.done * runtime.world_size(), self.total), self.total)
+
+
+def measure(
+    model: str | LoadedModel,
+    images: str | Path | Sequence[Path],
+    *,
+    arch: str | None = None,
+    pretrained: bool = False,
+    model_args: dict[str, Any] | None = None,
+    strict_load: bool = True,
+    trust_checkpoint: bool = False,
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int = 0,
+    amp: bool = False,
+    limit: int | None = None,
+    seed: int = 0,
+    strict: bool = False,
+    metrics: str | Sequence[str] = DEFAULT_METRICS,
+    include_prefix: bool = False,
+    attention_tap: str = "auto",
+    progress: ProgressFn | None = None,
+    command: str | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+) -> MeasureResult:
+    """Measure layer-wise over-smoothing of a timm model on an image folder, one image, or a list file.
+
+    Runs under ``torchrun`` too: each rank measures a disjoint shard and the statistics are summed.
+
+    Args:
+        model: a timm model name, a checkpoint file, a folder with ``config.json``, or a :class:`LoadedModel`.
+        images: folder (recursive), single image, text file of paths, or a list of paths.
+        arch, pretrained, model_args, strict_load, trust_checkpoint: see :func:`~oversmooth_cli.models.load_model`.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        batch_size: images per forward pass.
+        workers: DataLoader worker processes.
+        amp: bf16 autocast on CUDA.
+        limit: measure a random sample of this many images (reproducible with ``seed``).
+        seed: seed of the sample.
+        strict: an unreadable image is an error instead of being skipped and listed.
+        metrics: metric names or presets, e.g. ``"all"`` or ``["default", "effective_rank"]`` (default:
+            ``token_cosine``, ``attention_std``; see :func:`~oversmooth_cli.metrics.parse_metrics`).
+        include_prefix: token metrics measure the prefix tokens (class, distillation, registers) too.
+        attention_tap: ``auto`` (``inline`` on CPU, ``qk`` on GPUs), ``qk`` (fused attention kept, statistics from
+            q and k), ``inline`` (attention computed once by the capture) or ``softmax`` (the model's unfused path).
+        progress: ``progress(done, total)`` after each batch (on rank 0 only).
+        command: the command line to record in the summary.
+        channels_last: run in ``torch.channels_last`` memory format (can help convolutional stems on GPUs).
+        compile: ``torch.compile`` the forward pass (slow first batch); falls back to eager with a warning.
+
+    Returns:
+        A :class:`MeasureResult`; :func:`write_run` writes it to a folder.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    metrics = parse_metrics(metrics)
+    dev = runtime.setup_device(device)
+    all_paths = list(images) if isinstance(images, (list, tuple)) else find_images(images)
+    paths = sample_paths(all_paths, limit, seed)
+    loaded = (
+        model
+        if isinstance(model, LoadedModel)
+        else load_model(model, arch, pretrained, model_args, strict=strict_load, trust_checkpoint=trust_checkpoint)
+    )
+    net = loaded.model.to(dev).eval()
+    reader = _Reader(shard_paths(paths, runtime.rank(), runtime.world_size()), len(paths), strict, progress)
+    loader = build_loader(reader.paths, loaded.data_config, batch_size, workers, pin_memory=dev.type == "cuda")
+    start = time.perf_counter()
+    try:
+        batches = measure_batches(
+            net,
+            loader,
+            dev,
+            amp,
+            metrics,
+            attention_tap,
+            reader,
+            include_prefix,
+            channels_last=channels_last,
+            compile=compile,
+        )
+    except UnsupportedModelError as e:
+        raise UserError(str(e)) from e
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    batches.accumulator.all_reduce()
+    skipped = [s for part in runtime.all_gather_objects(reader.skipped) for s in part]
+    seconds = time.perf_counter() - start
+    _require_values(batches, skipped, len(paths))
+    layer_df = layer_table(batches)
+    head_df = pd.DataFrame(list(batches.accumulator.head_rows()), columns=HEAD_COLUMNS)
+    n_images = batches.accumulator.n_images
+    source = f"{len(images)} paths" if isinstance(images, (list, tuple)) else str(images)
+    unread = {s["path"] for s in skipped}
+    image_set = describe_image_set(
+        [p for p in paths if str(p) not in unread], None if isinstance(images, (list, tuple)) else images
+    )
+    counts = {"source": source, "found": len(all_paths), "selected": len(paths), "measured": n_images}
+    image_info = {**counts, "skipped": len(skipped), "skipped_files": skipped, "limit": limit, "seed": seed}
+    run_info = {
+        "device": str(dev),
+        "dtype": "bfloat16" if amp and dev.type == "cuda" else "float32",
+        "metric_dtype": "float32 (accumulated in float64)",
+        "amp": bool(amp and dev.type == "cuda"),
+        "batch_size": batch_size,
+        "workers": workers,
+        "attention_tap": batches.attention_tap,
+        "channels_last": channels_last,
+        "compile": compile,
+        "compiled": batches.compiled,
+        "include_prefix": include_prefix,
+        "world_size": runtime.world_size(),
+        "seconds": round(seconds, 4),
+        "images_per_second": round(n_images / seconds, 3) if seconds > 0 else None,
+    }
+    summary = build_summary(
+        loaded, batches, layer_df, metrics, image_info, run_info, include_prefix, command, image_set=image_set
+    )
+    return MeasureResult(layer_df, head_df, summary, batches.accumulator)
