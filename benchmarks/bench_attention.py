@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from oversmooth_cli.reading.attention import CPU_BLOCK_ELEMENTS, block_plan
-from oversmooth_cli.reading.capture import OversmoothingCapture
+from oversmooth_cli.reading.capture import LayerContext, OversmoothingCapture
 from oversmooth_cli.reading.loading import load_model
 
 
@@ -83,9 +83,11 @@ def main() -> None:
         capture = OversmoothingCapture(model, [], ["attention_std"], "inline")
         capture.__enter__()
 
+        context = LayerContext(1, capture.prefix, capture.cls_index, capture.geometry)
+
         def inline_tap() -> None:
-            capture._on_qk(1, q, k, attn.scale, v=v)
-            capture._pending = type(capture._pending)()
+            capture._metrics.on_qk(context, q, k, attn.scale, v=v)
+            capture._metrics.pop()
 
         b0, b1, chunks = block_plan(B, H * T, T, 0, capture.max_elements, CPU_BLOCK_ELEMENTS)[0]
         n, rows = b1 - b0, chunks[0][1] - chunks[0][0]

@@ -4,7 +4,7 @@ Rows (same model, same in-memory batches, same process; rows are interleaved wit
 hits them alike; each figure is the median over repeats):
 
 1. ``bare``: the model as timm builds it (fused attention on, no hooks), ``forward_features`` under inference mode.
-2. ``oversmooth``: :func:`oversmooth_cli.measure.measure_batches` on the same batches with the default metrics and
+2. ``oversmooth``: :func:`oversmooth_cli.measuring.run.measure_batches` on the same batches with the default metrics and
    ``attention_tap="auto"`` (on CPU ``inline``: each attention computed once, unfused, in cache-sized blocks of
    reused memory, and its probabilities measured; O(n d) token cosine; one device-to-host copy per batch; float64
    accumulators). ``2q`` is the same with ``attention_tap="qk"`` (the model keeps its fused kernel, the statistics
@@ -14,7 +14,8 @@ hits them alike; each figure is the median over repeats):
    per image and layer, unfused softmax attention kept for every layer, values moved to the host per layer.
 4. End to end on an image folder (``--e2e-images`` images, the folder's images cycled): ``4p`` a plain loop as a user
    would write it (PIL decode + timm's eval transform + the fused ``model(x)`` under inference mode, in batches of
-   ``--batch-size``, in this process), ``4b`` :func:`oversmooth_cli.measure.measure` (decoding included, the default
+   ``--batch-size``, in this process), ``4b`` :func:`oversmooth_cli.measuring.run.measure` (decoding included, the
+   default
    ``--workers`` unless given), ``4a`` decoding + transforming alone through measure's DataLoader (no model).
 
 Rows 1-3 run once per ``--img-size``. Then peak RSS of ``measure`` on N and on 10 x N images, each in a fresh child
@@ -61,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from oversmooth_cli.data import build_loader, build_transform, find_images
+from oversmooth_cli.measuring.config import MeasureConfig
 from oversmooth_cli.measuring.run import measure, measure_batches
 from oversmooth_cli.metrics.accumulate import OversmoothingAccumulator
 from oversmooth_cli.reading.capture import OversmoothingCapture
@@ -81,7 +83,7 @@ def bare_pass(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
 def oversmooth_pass(model: torch.nn.Module, batches: list[torch.Tensor], **opts) -> OversmoothingAccumulator:
     """Row 2: the library's core loop on in-memory batches."""
     items = [(x, list(range(x.shape[0])), []) for x in batches]
-    return measure_batches(model, items, torch.device("cpu"), **opts).accumulator
+    return measure_batches(model, items, torch.device("cpu"), MeasureConfig(**opts)).accumulator
 
 
 @contextlib.contextmanager
@@ -289,7 +291,7 @@ def e2e_rows(args: argparse.Namespace, tmp: Path) -> list[dict]:
     transform = build_transform(loaded.data_config)
 
     def end_to_end(source: Path) -> None:
-        measure(loaded, source, device="cpu", batch_size=args.batch_size, command="bench", **workers)
+        measure(loaded, source, MeasureConfig(device="cpu", batch_size=args.batch_size, **workers), command="bench")
 
     def decode(some: list[Path]) -> None:
         decode_only(some, loaded.data_config, args.batch_size, args.workers or 0)
@@ -324,9 +326,7 @@ def rss_child(args: argparse.Namespace) -> None:
         result = measure(
             loaded,
             listing,
-            device="cpu",
-            batch_size=args.batch_size,
-            workers=0,
+            MeasureConfig(device="cpu", batch_size=args.batch_size, workers=0),
             command="bench",
             progress=lambda _done, _total: during.append(current_rss_mib()),
         )

@@ -1,4 +1,4 @@
-"""Benchmark: what :class:`~oversmooth_cli.monitor.OversmoothingMonitor` adds to the time of a training run.
+"""Benchmark: what :class:`~oversmooth_cli.measuring.monitor.OversmoothingMonitor` adds to the time of a training run.
 
 The bundled example: ``examples/digits-vit`` (8 blocks, 65 tokens of width 96) fine-tuned with AdamW and
 cross-entropy on the labelled digits (``../shared/data/digits/train`` when present, else the 40 of

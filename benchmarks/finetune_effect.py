@@ -11,7 +11,8 @@ epochs): AdamW lr ``--lr`` with ``--warmup-epochs`` of linear warmup then cosine
 drop path 0.1, label smoothing 0.1, random-resized crop down to ``--crop-scale`` of the area, no flips, patch
 CutMix, batch 64.
 
-Each run is :func:`oversmooth_cli.finetune.finetune` (the code ``oversmooth finetune`` runs). Per depth and arm it
+Each run is :func:`oversmooth_cli.training.finetune.finetune` (the code ``oversmooth finetune`` runs). Per depth and
+arm it
 prints the final val top-1 (mean ± std over seeds), the final last-layer token cosine on the validation images
 (mean ± std over every run that finished with finite values), how many runs diverged (their final val top-1 fell
 below half of their best epoch's, or their final training loss rose above 1.5 times their first epoch's), how many
@@ -45,7 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from oversmooth_cli.errors import UserError  # noqa: E402
-from oversmooth_cli.training.finetune import FinetuneConfig, finetune  # noqa: E402
+from oversmooth_cli.measuring.config import LoadOptions  # noqa: E402
+from oversmooth_cli.training.finetune import FinetuneConfig, RunOptions, finetune  # noqa: E402
 from oversmooth_cli.training.trainer import NonFiniteLossError  # noqa: E402
 
 ARMS = {"none": (), "cos,cons,token": ("cos", "cons", "token")}
@@ -98,11 +100,9 @@ def run_one(args: argparse.Namespace, depth: int, arm: str, seed: int) -> dict:
             out,
             recipe(args, ARMS[arm], seed),
             val_dir=Path(args.data) / "val",
-            model_args=model_args,
-            device=args.device,
-            workers=args.workers,
-            overwrite=True,
-            monitor_every=0,  # the before / after measure runs and the per-epoch history are enough here
+            load=LoadOptions(model_args=model_args),
+            # the before / after measure runs and the per-epoch history are enough here: no monitor
+            run=RunOptions(device=args.device, workers=args.workers, overwrite=True, monitor_every=0),
         )
         last = result.history.iloc[-1]
         trained = result.history[result.history["epoch"] > 0]

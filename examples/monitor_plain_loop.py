@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Fine-tune the bundled digits ViT in a plain PyTorch loop with the patch-diversification losses as a drop-in
-module, and watch over-smoothing develop with :class:`~oversmooth_cli.monitor.OversmoothingMonitor`.
+module, and watch over-smoothing develop with :class:`~oversmooth_cli.measuring.monitor.OversmoothingMonitor`.
 
 The loop is the user's own: ``PatchDiversificationLoss`` reads the first and last block's tokens from the model's
 normal forward pass, ``patch_cutmix`` mixes the batch with per-patch targets, and the monitor measures the 40

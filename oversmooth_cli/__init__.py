@@ -2,8 +2,8 @@
 
 The command line (``oversmooth``) is a thin layer over these functions::
 
-    from oversmooth_cli import measure, write_run
-    result = measure("examples/digits-vit", "examples/images", device="cpu")
+    from oversmooth_cli import MeasureConfig, measure, write_run
+    result = measure("examples/digits-vit", "examples/images", MeasureConfig(device="cpu"))
     print(result.layers)
 
 The package is laid out by purpose: ``reading`` (a model: loading, family registry, attention, capture), ``metrics``
@@ -24,6 +24,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # measuring
     "measure": "measuring.run",
+    "MeasureConfig": "measuring.config",
+    "LoadOptions": "measuring.config",
     "MeasureResult": "measuring.summary",
     "write_run": "measuring.summary",
     "OversmoothingMonitor": "measuring.monitor",

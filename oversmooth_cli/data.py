@@ -164,7 +164,7 @@ ImageBatch = tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]
 
 def collate_images(items: list[tuple[torch.Tensor | None, int, str | None]]) -> ImageBatch:
     """Stack the decoded images; return ``(images or None, their indices, [(index, error), ...])``."""
-    good = [(x, i) for x, i, err in items if err is None]
+    good = [(x, i) for x, i, err in items if err is None and x is not None]
     bad = [(i, err) for _x, i, err in items if err is not None]
     images = torch.stack([x for x, _ in good]) if good else None
     return images, [i for _, i in good], bad

@@ -7,25 +7,7 @@ This alias keeps code written for 0.1 (and its README) working; it warns once an
 from __future__ import annotations
 
 from ._moved import moved
-from .training.config import FinetuneConfig, parse_losses
-from .training.finetune import (
-    CONTROL_OUTPUT_NAMES,
-    MONITOR_IMAGES,
-    OUTPUT_NAMES,
-    TENSORBOARD_OUTPUT_NAMES,
-    FinetuneResult,
-    finetune,
-)
-
-__all__ = [
-    "CONTROL_OUTPUT_NAMES",
-    "MONITOR_IMAGES",
-    "OUTPUT_NAMES",
-    "TENSORBOARD_OUTPUT_NAMES",
-    "FinetuneConfig",
-    "FinetuneResult",
-    "finetune",
-    "parse_losses",
-]
+from .training.config import *  # noqa: F403
+from .training.finetune import *  # noqa: F403
 
 moved(__name__, "oversmooth_cli.training.finetune, oversmooth_cli.training.config")

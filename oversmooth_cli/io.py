@@ -1,5 +1,6 @@
-"""Run files: the row schemas of ``layers.csv`` / ``heads.csv``, reading a run back (:func:`load_run`), JSON,
-the per-metric figure panels every plot shares (:func:`metric_panels`), and atomic writes of files and run folders."""
+"""Files: the row schemas of ``layers.csv`` / ``heads.csv`` and :func:`read_layers`, JSON, and atomic writes of files
+and whole run folders (a failure or Ctrl-C leaves nothing half-written). A run folder is read back by
+:func:`~oversmooth_cli.gate.runs.load_run`; figures are drawn by :mod:`oversmooth_cli.plots`."""
 
 from __future__ import annotations
 
@@ -99,11 +100,11 @@ def atomic_write_all(writes: Mapping[Path, Callable[[Path], Any]]) -> list[Path]
     try:
         for path, write in writes.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
             os.close(fd)
-            staged.append(Path(tmp))
-            write(Path(tmp))
-            os.chmod(tmp, default_mode())
+            staged.append(Path(name))
+            write(Path(name))
+            os.chmod(name, default_mode())
         for tmp, path in zip(staged, writes, strict=True):
             os.replace(tmp, path)
     finally:

@@ -1,4 +1,5 @@
-"""Moved in 0.2: ``oversmooth_cli.models`` is now :mod:`oversmooth_cli.reading.loading`.
+"""Moved in 0.2: ``oversmooth_cli.models`` is now :mod:`oversmooth_cli.reading.loading`,
+:mod:`oversmooth_cli.reading.checkpoints`.
 
 This alias keeps code written for 0.1 (and its README) working; it warns once and goes in 0.3.
 """
@@ -6,42 +7,8 @@ This alias keeps code written for 0.1 (and its README) working; it warns once an
 from __future__ import annotations
 
 from ._moved import moved
-from .reading.loading import (
-    CHECKPOINT_SUFFIXES,
-    PRETRAINED_CFG_KEYS,
-    TRAIN_ONLY_ARGS,
-    LoadedModel,
-    checkpoint_format,
-    load_model,
-    load_state_dict_file,
-    model_config,
-    one_line_reason,
-    parse_model_args,
-    parse_value,
-    resolve_data_config,
-    save_weights,
-    sha256_file,
-    unwrap_state_dict,
-    weights_meta,
-)
+from .errors import first_line as one_line_reason  # noqa: F401  (0.1's name)
+from .reading.checkpoints import *  # noqa: F403
+from .reading.loading import *  # noqa: F403
 
-__all__ = [
-    "CHECKPOINT_SUFFIXES",
-    "PRETRAINED_CFG_KEYS",
-    "TRAIN_ONLY_ARGS",
-    "LoadedModel",
-    "checkpoint_format",
-    "load_model",
-    "load_state_dict_file",
-    "model_config",
-    "one_line_reason",
-    "parse_model_args",
-    "parse_value",
-    "resolve_data_config",
-    "save_weights",
-    "sha256_file",
-    "unwrap_state_dict",
-    "weights_meta",
-]
-
-moved(__name__, "oversmooth_cli.reading.loading")
+moved(__name__, "oversmooth_cli.reading.loading, oversmooth_cli.reading.checkpoints")

@@ -6,15 +6,6 @@ This alias keeps code written for 0.1 (and its README) working; it warns once an
 from __future__ import annotations
 
 from ._moved import moved
-from .measuring.monitor import (
-    MONITOR_COLUMNS,
-    MonitorWarning,
-    OversmoothingMonitor,
-    load_probe,
-    preserved_state,
-    unwrap_model,
-)
-
-__all__ = ["MONITOR_COLUMNS", "MonitorWarning", "OversmoothingMonitor", "load_probe", "preserved_state", "unwrap_model"]
+from .measuring.monitor import *  # noqa: F403
 
 moved(__name__, "oversmooth_cli.measuring.monitor")

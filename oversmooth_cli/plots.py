@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axis import Axis
 from matplotlib.ticker import MaxNLocator
 
 from .io import atomic_write
@@ -47,7 +48,7 @@ def plot_side_by_side(
         axes[0].plot(rows["layer"], rows["mean"], marker="o", ms=3, color=colours[arm], label=arm)
         axes[0].fill_between(rows["layer"], rows["ci95_low"], rows["ci95_high"], color=colours[arm], alpha=0.18)
     axes[0].set_xlabel("layer")
-    axes[0].xaxis.get_major_locator().set_params(integer=True)
+    _integer_ticks(axes[0].xaxis)
     axes[0].set_title(f"(a) {metric_label('token_cosine')} (95% bands)", loc="left", fontsize=11)
     for arm in ("control", "treated"):
         h = histories[arm]
@@ -61,7 +62,7 @@ def plot_side_by_side(
     axes[3].set_title("(d) val last-layer token cosine", loc="left", fontsize=11)
     for ax in axes[1:]:
         ax.set_xlabel("epoch (0: before training)")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        _integer_ticks(ax.xaxis)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -88,6 +89,13 @@ def plot_compare(result: CompareResult, ci: bool = False, title: str | None = No
     shaded = " (shaded: 95% CI over images)" if ci else ""
     fig.suptitle(f"{title or f'oversmooth compare: {len(result.runs)} runs'}{shaded}", fontsize=10)
     return fig
+
+
+def _integer_ticks(axis: Axis) -> None:
+    """Whole-number ticks on ``axis`` (layers, epochs, steps), keeping matplotlib's automatic tick spacing."""
+    locator = axis.get_major_locator()
+    if isinstance(locator, MaxNLocator):
+        locator.set_params(integer=True)
 
 
 # -- figures ------------------------------------------------------------------------------------------------------
@@ -119,7 +127,7 @@ def metric_panels(
         ax.set_ylabel(metric_label(metric))
         ax.grid(alpha=0.3)
         if integer_x:
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            _integer_ticks(ax.xaxis)
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
     return fig, axes[: len(metrics)]
@@ -191,7 +199,7 @@ def plot_monitor_heatmap(
     """Layer x training-step heatmap of each metric's mean over the probe images (a monitor's history).
 
     Args:
-        history: :data:`~oversmooth_cli.monitor.MONITOR_COLUMNS` rows (``monitor.csv``).
+        history: :data:`~oversmooth_cli.measuring.monitor.MONITOR_COLUMNS` rows (``monitor.csv``).
         metrics: the panels, in order (default: ``token_cosine`` and ``attention_std`` when measured, else every
             metric of the history); metrics the history lacks are left out.
         title: figure title.
@@ -220,7 +228,7 @@ def plot_monitor_heatmap(
         if len(steps) <= 12:
             ax.set_xticks(steps)
         ax.set_ylabel("layer (0 = block input)")
-        ax.yaxis.get_major_locator().set_params(integer=True)
+        _integer_ticks(ax.yaxis)
         ax.grid(False)
         fig.colorbar(mesh, ax=ax, label=f"{metric_label(metric)} (mean over probe)")
     if title:
@@ -252,7 +260,7 @@ def plot_training(history: pd.DataFrame, title: str | None = None) -> plt.Figure
     axes[2].set_title(f"(c) validation {metric_label('token_cosine')}", loc="left", fontsize=11)
     for ax in axes:
         ax.set_xlabel("epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        _integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:

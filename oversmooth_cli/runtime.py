@@ -178,7 +178,7 @@ def rng_state(extra: random.Random | None = None) -> dict[str, Any]:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return {
         "python": random.getstate(),
-        "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+        "numpy": (name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
         "cuda": cuda,
         "mix": extra.getstate() if extra is not None else None,

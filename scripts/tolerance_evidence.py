@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from oversmooth_cli.measuring.config import MeasureConfig
 from oversmooth_cli.measuring.run import measure
 from oversmooth_cli.reading.loading import LoadedModel, load_model
 
@@ -57,7 +58,8 @@ def setup(name: str) -> tuple[LoadedModel, list[Path]]:
 
 def means(loaded: LoadedModel, images: list[Path], **kw) -> pd.Series:
     """``{(metric, layer): mean}`` of one measurement."""
-    return measure(loaded, images, device="cpu", metrics="all", **kw).layers.set_index(["metric", "layer"])["mean"]
+    config = MeasureConfig(device="cpu", metrics="all", **kw)
+    return measure(loaded, images, config).layers.set_index(["metric", "layer"])["mean"]
 
 
 def differences(a: pd.Series, b: pd.Series) -> dict[str, tuple[float, float]]:

@@ -8,13 +8,11 @@ and the bundled ``examples/``), so a plain clone passes its tests with nothing b
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import itertools
 import json
 import math
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -78,16 +76,6 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-@functools.cache
-def compat_table() -> ModuleType:
-    """``scripts/compat_table.py`` (the small model of every family), loaded on first use, not at import time."""
-    spec = importlib.util.spec_from_file_location("compat_table", REPO / "scripts" / "compat_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compat_table"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def load_example(name: str) -> ModuleType:
@@ -231,3 +219,20 @@ class SdpaCalls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.calls += func is F.scaled_dot_product_attention
         return func(*args, **(kwargs or {}))
+
+
+def attention_chunks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    query_start: int = 0,
+    bias: torch.Tensor | None = None,
+    max_elements: int = 1 << 24,
+    scratch=None,
+) -> Iterator[torch.Tensor]:
+    """The probabilities of :func:`~oversmooth_cli.reading.attention.iter_attention_blocks`, chunk by chunk (all batch
+    rows per chunk), as the tests read them; a generator, so chunks held in scratch memory are read before the next."""
+    from oversmooth_cli.reading.attention import iter_attention_blocks
+
+    for *_, probs in iter_attention_blocks(q, k, scale, query_start, bias, max_elements, scratch):
+        yield probs

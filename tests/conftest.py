@@ -15,6 +15,13 @@ import torch  # noqa: E402
 from ._helpers import PHOTOS, SEED, TINY_ARCH, TINY_ARGS, save_checkpoint_folder  # noqa: E402
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One definition of slow (see the ``slow`` marker in pyproject.toml): every multi-process test is slow too."""
+    for item in items:
+        if item.get_closest_marker("distributed") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(SEED)

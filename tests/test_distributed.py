@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from oversmooth_cli.data import shard_paths
-from oversmooth_cli.measuring.run import measure
+from oversmooth_cli.measuring.run import MeasureConfig, measure
 
 from ._helpers import PHOTOS, invoke
 
@@ -66,7 +66,7 @@ def assert_two_rank_run_equals_one_process(summary, out, tmp_path, folders, imag
     assert summary["images"]["found"] == summary["images"]["selected"] == 8
     assert summary["images"]["measured"] == 7 and summary["images"]["skipped"] == 1
     assert [s["path"] for s in summary["images"]["skipped_files"]] == [str(image_dir / "broken.jpg")]
-    single = measure(str(tiny_folder), image_dir, device="cpu", batch_size=3, command="one process")
+    single = measure(str(tiny_folder), image_dir, MeasureConfig(device="cpu", batch_size=3), command="one process")
     assert single.summary["run"]["world_size"] == 1
     assert_same_tables(pd.read_csv(out / "layers.csv"), single.layers, KEYS)
     assert_same_tables(pd.read_csv(out / "heads.csv"), single.heads, [*KEYS, "head"])
@@ -129,7 +129,8 @@ def _rank_main(rank: int, world: int, port: int, paths: dict[str, str], result_d
         args = ["measure", paths["model"], paths["folder"], "--out", paths["out"], "--device", "cpu", "-b", "2"]
         cli = invoke(*args, "--json")
         joined = dist.is_initialized() and dist.get_world_size() == world
-        one = run.measure(paths["model"], paths["one"], device="cpu", batch_size=2, command="spawned")
+        config = run.MeasureConfig(device="cpu", batch_size=2)
+        one = run.measure(paths["model"], paths["one"], config, command="spawned")
         result = {
             "exit_code": cli.exit_code,
             "error": repr(cli.exception) if cli.exception else None,
@@ -169,7 +170,7 @@ def test_two_ranks_shard_once_sum_and_only_rank0_writes(tmp_path: Path, tiny_fol
         summary, out, tmp_path, ["images", "results", "run", "tiny-vit"], image_dir, tiny_folder
     )
 
-    single_one = measure(str(tiny_folder), paths["one"], device="cpu", command="one process")
+    single_one = measure(str(tiny_folder), paths["one"], MeasureConfig(device="cpu"), command="one process")
     for r in ranks:  # every rank ends with the summed statistics
         assert r["one"]["summary"]["images"]["measured"] == 1 and r["one"]["summary"]["run"]["world_size"] == 2
         assert_same_tables(r["one"]["layers"], single_one.layers, KEYS)
@@ -193,7 +194,7 @@ def test_channels_last_restores_the_model_layout(tiny_model, few_images: Path) -
     from oversmooth_cli.reading.loading import LoadedModel, resolve_data_config
 
     loaded = LoadedModel(tiny_model, "tiny", "vit_tiny_patch16_224", resolve_data_config(tiny_model))
-    measure(loaded, few_images, device="cpu", channels_last=True, command="t")
+    measure(loaded, few_images, MeasureConfig(device="cpu", channels_last=True), command="t")
     assert tiny_model.patch_embed.proj.weight.is_contiguous()
 
 
@@ -240,6 +241,6 @@ def test_compile_unavailable_at_wrap_time_also_falls_back(
     monkeypatch.setattr(torch, "compile", unsupported)
     loaded = LoadedModel(tiny_model, "tiny", "vit_tiny_patch16_224", resolve_data_config(tiny_model))
     with caplog.at_level(logging.WARNING, logger="oversmooth_cli.measuring.run"):
-        result = measure(loaded, few_images, device="cpu", compile=True, command="t")
+        result = measure(loaded, few_images, MeasureConfig(device="cpu", compile=True), command="t")
     assert len(caplog.records) == 1 and "not supported on this Python" in caplog.records[0].getMessage()
     assert result.summary["run"]["compiled"] is False and result.summary["images"]["measured"] == 5

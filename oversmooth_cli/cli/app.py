@@ -1,7 +1,6 @@
-"""The ``oversmooth`` command line: parse, call the library, render. No maths lives here.
-
-Exit codes: 0 success, 1 a failed check, 2 bad input (one line on stderr saying what is wrong and how to fix it),
-130 interrupted.
+"""The command line's plumbing: the Typer app, help that reads well at 80 columns, one-line usage errors, progress
+bars, and :func:`handle_errors`, the one place exceptions become exit codes (0 success, 1 a failed check, 2 bad
+input: one line on stderr saying what is wrong and how to fix it, 3 a bug, 130 interrupted).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, UserError
 try:  # typer >= 0.26 runs on its own copy of click
     from typer._click import exceptions as _click_errors
 except ImportError:  # pragma: no cover - older typer runs on click itself
-    from click import exceptions as _click_errors
+    from click import exceptions as _click_errors  # type: ignore[no-redef]
 
 __all__ = ["app"]
 
@@ -71,7 +70,7 @@ def _usage_error(e: Any) -> NoReturn:
 
 def app_commands() -> list[str]:
     """The names of the registered commands."""
-    return [c.name for c in app.registered_commands]
+    return [c.name for c in app.registered_commands if c.name]
 
 
 class _Command(TyperCommand):
@@ -91,7 +90,7 @@ class _Command(TyperCommand):
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):
             if param.param_type_name == "argument":
-                name = param.metavar + ("..." if param.nargs != 1 else "")
+                name = (param.metavar or (param.name or "").upper()) + ("..." if param.nargs != 1 else "")
                 pieces.append(name if param.required else f"[{name}]")
         return pieces
 

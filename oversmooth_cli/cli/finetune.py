@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from rich.markup import escape
@@ -12,14 +13,73 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..errors import UserError
+from ..measuring.config import LoadOptions, MeasureConfig
 from ..training.config import FinetuneConfig
 from .app import _is_main, command, command_line, default_out, err_console, make_progress, out_console
-from .options import DeviceOpt, ModelArg, ModelOptions, QuietOpt, WorkersOpt, config_options
+from .options import DeviceOpt, ModelArg, QuietOpt, WorkersOpt, config_options
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneRun:
+    """The ``finetune`` options that are neither the training's (:class:`FinetuneConfig`) nor the model's: where the
+    run goes and what it writes besides the model (:class:`~oversmooth_cli.training.finetune.RunOptions`)."""
+
+    workers: WorkersOpt = MeasureConfig.workers
+    device: DeviceOpt = MeasureConfig.device
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Run folder.", show_default="oversmooth-runs/finetune-<model>-<timestamp>"),
+    ] = None
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the outputs of a run in --out.")] = False
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this folder (same options) from its last save.")
+    ] = None
+    control: Annotated[
+        bool,
+        typer.Option(
+            "--control",
+            help="Also train the --loss none twin (same seed, samples, augmentations, CutMix draws) into OUT/control "
+            "and write side_by_side.png/.csv/.json with a verdict on the accuracy difference.",
+        ),
+    ] = False
+    monitor_every: Annotated[
+        int | None,
+        typer.Option(
+            "--monitor-every",
+            min=0,
+            help="Measure over-smoothing on up to 64 validation images every N optimizer steps (and before the first) "
+            "into monitor.csv and monitor.png, a layer x step heatmap; 0: off.",
+            show_default="once per epoch",
+        ),
+    ] = None
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard",
+            help="Also write the monitor's per-layer curves and heatmap as TensorBoard event files into OUT/tb "
+            "(needs the tensorboard extra).",
+        ),
+    ] = False
+
+    def options(self) -> Any:
+        """The library's :class:`~oversmooth_cli.training.finetune.RunOptions` of these options."""
+        from ..training.finetune import RunOptions
+
+        return RunOptions(
+            device=self.device,
+            workers=self.workers,
+            resume=self.resume is not None,
+            overwrite=self.overwrite,
+            control=self.control,
+            monitor_every=self.monitor_every,
+            tensorboard=self.tensorboard,
+        )
 
 
 @command("finetune")
-@config_options(ModelOptions, into="loading")
 @config_options(FinetuneConfig, into="config")
+@config_options(LoadOptions, into="loading")
+@config_options(FinetuneRun, into="run")
 def finetune_cmd(
     model: ModelArg,
     train_dir: Annotated[
@@ -30,43 +90,8 @@ def finetune_cmd(
     ] = None,
     *,
     config: FinetuneConfig,
-    loading: ModelOptions,
-    workers: WorkersOpt = 0,
-    device: DeviceOpt = "auto",
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Run folder.", show_default="oversmooth-runs/finetune-<model>-<timestamp>"),
-    ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the outputs of a run in --out.")] = False,
-    resume: Annotated[
-        Path | None, typer.Option("--resume", help="Continue the run in this folder (same options) from its last save.")
-    ] = None,
-    control: Annotated[
-        bool,
-        typer.Option(
-            "--control",
-            help="Also train the --loss none twin (same seed, samples, augmentations, CutMix draws) into OUT/control "
-            "and write side_by_side.png/.csv/.json with a verdict on the accuracy difference.",
-        ),
-    ] = False,
-    monitor_every: Annotated[
-        int | None,
-        typer.Option(
-            "--monitor-every",
-            min=0,
-            help="Measure over-smoothing on up to 64 validation images every N optimizer steps (and before the first) "
-            "into monitor.csv and monitor.png, a layer x step heatmap; 0: off.",
-            show_default="once per epoch",
-        ),
-    ] = None,
-    tensorboard: Annotated[
-        bool,
-        typer.Option(
-            "--tensorboard",
-            help="Also write the monitor's per-layer curves and heatmap as TensorBoard event files into OUT/tb "
-            "(needs the tensorboard extra).",
-        ),
-    ] = False,
+    loading: LoadOptions,
+    run: FinetuneRun,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a timm ViT with cross-entropy plus the patch-diversification losses (cos, cons, token).
@@ -81,8 +106,9 @@ def finetune_cmd(
 
     Example: `oversmooth finetune examples/digits-vit data/train --val-dir data/val --loss cos,cons,token`
     """
-    from ..training.finetune import finetune
+    from ..training.finetune import RunHooks, finetune
 
+    out, resume = run.out, run.resume
     if resume is not None and out is not None and out.resolve() != resume.resolve():
         raise UserError(f"--resume {resume} continues the run in that folder; drop --out {out} or make them equal")
     if resume is None:
@@ -91,26 +117,18 @@ def finetune_cmd(
     say = (lambda msg: err_console.print(f"[cyan]Note:[/] {escape(msg)}", highlight=False)) if not quiet else None
     with make_progress(quiet, unit="steps") as progress:
         on_step, on_epoch = _training_callbacks(progress, config.epochs, quiet)
+        hooks = RunHooks(on_step, on_epoch, say if _is_main() else None, command_line())
         result = finetune(
             model,
             train_dir,
-            resume or out,
+            cast(Path, resume or out),
             config,
             val_dir=val_dir,
-            **loading.load_kwargs(),
-            device=device,
-            workers=workers,
-            resume=resume is not None,
-            overwrite=overwrite,
-            on_step=on_step,
-            on_epoch=on_epoch,
-            log=say if _is_main() else None,
-            command=command_line(),
-            control=control,
-            monitor_every=monitor_every,
-            tensorboard=tensorboard,
+            load=loading,
+            run=run.options(),
+            hooks=hooks,
         )
-    _finish_finetune(result, control, quiet)
+    _finish_finetune(result, run.control, quiet)
 
 
 def _training_callbacks(progress: Progress, epochs: int, quiet: bool) -> tuple[Callable, Callable]:

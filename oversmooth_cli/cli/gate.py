@@ -84,7 +84,8 @@ def check_cmd(
     Example: `oversmooth check ci/baseline runs/new --sigma 2 --atol attention_std=0.001 --report report.md`
     """
     gate = check.gate(baseline, metric)
-    finish_check(*gate.run(current, check.report, check.junit, check.plot), quiet)
+    result, written = gate.run(current, check.report, check.junit, check.plot)
+    finish_check(result, written, quiet)
 
 
 @command("compare")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,6 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..measuring.config import LoadOptions, MeasureConfig
 from .app import (
     _is_main,
     command,
@@ -22,19 +24,7 @@ from .app import (
     progress_callback,
 )
 from .gate import finish_check
-from .options import (
-    AmpOpt,
-    BaselineOpt,
-    BatchOpt,
-    DeviceOpt,
-    GateOptions,
-    ModelArg,
-    ModelOptions,
-    QuietOpt,
-    Tap,
-    WorkersOpt,
-    config_options,
-)
+from .options import BaselineOpt, GateOptions, ModelArg, QuietOpt, config_options
 
 
 def _fit_groups(names: list[str], width: int) -> list[list[str]]:
@@ -83,8 +73,21 @@ def layer_tables(layers, title: str, max_ci_columns: int = 2, width: int | None 
     return tables
 
 
+@dataclasses.dataclass(frozen=True)
+class RunFolder:
+    """Where ``measure`` writes its run."""
+
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder.", show_default="oversmooth-runs/<model>-<timestamp>"),
+    ] = None
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder.")] = False
+
+
 @command("measure")
-@config_options(ModelOptions, into="loading")
+@config_options(RunFolder, into="folder")
+@config_options(MeasureConfig, into="config")
+@config_options(LoadOptions, into="loading")
 @config_options(GateOptions, into="check")
 def measure_cmd(
     model: ModelArg,
@@ -92,58 +95,9 @@ def measure_cmd(
         Path,
         typer.Argument(help="Image folder (searched recursively), one image, or a text file with one path per line."),
     ],
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Output folder.", show_default="oversmooth-runs/<model>-<timestamp>"),
-    ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder.")] = False,
-    device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = 0,
-    amp: AmpOpt = False,
-    channels_last: Annotated[
-        bool,
-        typer.Option("--channels-last/--no-channels-last", help="channels_last memory format (can help on GPUs)."),
-    ] = False,
-    compile_model: Annotated[
-        bool,
-        typer.Option(
-            "--compile/--no-compile",
-            help="torch.compile the forward pass (slow first batch); runs uncompiled, with a warning, if that fails.",
-        ),
-    ] = False,
-    limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="Measure a random sample of N images (see --seed).")
-    ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit sample.")] = 0,
-    strict: Annotated[
-        bool, typer.Option("--strict", help="Fail on an unreadable image instead of skipping and listing it.")
-    ] = False,
-    attention_tap: Annotated[
-        Tap,
-        typer.Option(
-            "--attention-tap",
-            help="How attention is read. auto: inline on CPU, qk on GPUs. qk: the model keeps its fused kernel and the "
-            "statistics are recomputed from q and k. inline: oversmooth computes each attention once, unfused, and "
-            "measures it (fastest on CPU). softmax: the model's own unfused path (a reference). All give the same "
-            "values up to float rounding.",
-        ),
-    ] = Tap.auto,
-    metrics: Annotated[
-        str,
-        typer.Option(
-            "--metrics",
-            metavar="LIST",
-            help="Comma-separated metric names or presets: default (token_cosine, attention_std), cheap, all. "
-            "See the README's metrics section.",
-        ),
-    ] = "default",
-    include_prefix: Annotated[
-        bool,
-        typer.Option(
-            "--include-prefix", help="Token metrics also use the prefix tokens (class, distillation, registers)."
-        ),
-    ] = False,
+    *,
+    folder: RunFolder,
+    config: MeasureConfig,
     per_head: Annotated[
         bool,
         typer.Option("--per-head", help="Also write heads_METRIC.png, a heads x layers heatmap per attention metric."),
@@ -151,8 +105,7 @@ def measure_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout and nothing else.")] = False,
     quiet: QuietOpt = False,
     baseline: BaselineOpt = None,
-    *,
-    loading: ModelOptions,
+    loading: LoadOptions,
     check: GateOptions,
 ) -> None:
     """Measure layer-wise over-smoothing of a timm ViT on images.
@@ -170,29 +123,12 @@ def measure_cmd(
     from ..measuring.run import measure
     from ..measuring.summary import write_run
 
-    out = out or default_out(model)
+    out, overwrite = folder.out or default_out(model), folder.overwrite
     check_out_dir(out, overwrite)
     gate = check.gate(baseline) if baseline else None
     with make_progress(quiet or json_out) as progress:
-        result = measure(
-            model,
-            images,
-            **loading.load_kwargs(),
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            amp=amp,
-            limit=limit,
-            seed=seed,
-            strict=strict,
-            attention_tap=attention_tap.value,
-            metrics=metrics,
-            include_prefix=include_prefix,
-            progress=progress_callback(progress, "measuring"),
-            command=command_line(),
-            channels_last=channels_last,
-            compile=compile_model,
-        )
+        callback = progress_callback(progress, "measuring")
+        result = measure(model, images, config, load=loading, progress=callback, command=command_line())
     if not _is_main():
         return
     write_run(result, out, overwrite=overwrite, per_head=per_head)

@@ -5,24 +5,32 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import types
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, get_origin, get_type_hints
+from typing import Annotated, Any, cast, get_origin, get_type_hints
 
 import typer
 
+from ..gate.selection import DIRECTIONS
+from ..measuring.config import MeasureConfig
 from .app import F
 
+__all__ = [
+    "AllowOtherImagesOpt",
+    "BaselineOpt",
+    "CheckMetricOpt",
+    "DeviceOpt",
+    "GateOptions",
+    "ModelArg",
+    "QuietOpt",
+    "WorkersOpt",
+    "config_options",
+    "field_option",
+]
 
 # -- shared options (reused by every command that loads a model) --------------------------------------------------
-class Tap(str, Enum):
-    auto = "auto"
-    qk = "qk"
-    inline = "inline"
-    softmax = "softmax"
-
-
 ModelArg = Annotated[
     str,
     typer.Argument(
@@ -33,78 +41,10 @@ ModelArg = Annotated[
 ]
 
 
-ArchOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--arch",
-        metavar="ARCH",
-        help="timm architecture of a checkpoint (default: from config.json or the checkpoint).",
-    ),
-]
-
-
-ModelArgOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--model-arg",
-        metavar="KEY=VALUE",
-        help="Extra timm create_model argument, repeatable. VALUE is a Python literal (number, tuple, list, "
-        "True/False, None, quoted string), JSON, or else text: --model-arg img_size=64 --model-arg 'depths=(2,2)' "
-        "--model-arg act_layer=gelu.",
-    ),
-]
-
-
-PretrainedOpt = Annotated[
-    bool,
-    typer.Option(
-        "--pretrained",
-        help="Load timm's pretrained weights for a model name: from the Hugging Face cache, else downloaded; "
-        "without a reachable hub and nothing cached, it fails at once (exit 2).",
-    ),
-]
-
-
-StrictLoadOpt = Annotated[
-    bool,
-    typer.Option(
-        " /--no-strict",
-        help="Load a checkpoint whose keys do not fit the architecture; the misfits are listed in summary.json.",
-        show_default=False,
-    ),
-]
-
-
-TrustOpt = Annotated[
-    bool,
-    typer.Option("--trust-checkpoint", help="Allow unpickling a whole saved model (runs code from the file)."),
-]
-
-
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda, cuda:N or mps.")]
-
-
-BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
-
-
-WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=0, help="DataLoader worker processes.")]
-
-
-AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA (metrics stay float32).")]
-
-
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table.")]
 
 
 # -- check options (shared by `check` and `measure --baseline`) -----------------------------------------------------
-class Direction(str, Enum):
-    """Which change fails a check (the names of ``check.DIRECTIONS``)."""
-
-    both = "both"
-    up = "up"
-    down = "down"
-
-
 AtolOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -148,16 +88,6 @@ SigmaOpt = Annotated[
 ]
 
 
-DirectionOpt = Annotated[
-    Direction,
-    typer.Option(
-        "--direction",
-        help="both: any change beyond the band fails; up: only more over-smoothing (e.g. token_cosine rose, "
-        "attention_std fell); down: only less.",
-    ),
-]
-
-
 CheckMetricOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -197,24 +127,49 @@ BaselineOpt = Annotated[
 ]
 
 
-def _field_option(f: dataclasses.Field, kind: Any) -> inspect.Parameter:
-    """One Typer option for a dataclass field: flags, help, choices and default from the field and its metadata."""
-    if get_origin(kind) is Annotated:  # a field declared with its Typer option (GateOptions)
-        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=kind)
-    meta = f.metadata
-    default = f.default
-    if "parse" in meta:  # given as text on the command line, e.g. --loss cos,cons
-        kind, default = str, ",".join(default)
+def _cli_type(f: dataclasses.Field, kind: Any) -> tuple[Any, Any]:
+    """The type and default of a field's option: text for a parsed field (a list of texts when repeatable), an enum
+    of its ``choices``, else the field's own type (a union with a default: the default's type)."""
+    meta, default = f.metadata, cast(Any, f.default)
+    if "parse" in meta:  # given as text on the command line, e.g. --loss cos,cons or --model-arg k=v ...
+        return (list[str] | None, None) if meta.get("repeat") else (str, ",".join(default))
     if "choices" in meta:
-        kind = Enum(f.name, {c: c for c in meta["choices"]}, type=str)
-        default = kind(default)
+        choice = Enum(f.name, {c: c for c in meta["choices"]}, type=str)  # type: ignore[misc]
+        return choice, choice(default)
+    if isinstance(kind, types.UnionType) and default is not None:
+        return type(default), default
+    return kind, default
+
+
+def _field_option(f: dataclasses.Field, kind: Any) -> list[inspect.Parameter]:
+    """The Typer options of a dataclass field: flags, help, choices, range and default from the field and its
+    metadata, and one hidden flag per old spelling (``aliases``)."""
+    if get_origin(kind) is Annotated:  # a field declared with its Typer option (GateOptions)
+        return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=kind)]
+    meta = f.metadata
+    kind, default = _cli_type(f, kind)
     flags = meta.get("flags", (f"--{f.name.replace('_', '-')}",))
-    option = typer.Option(*flags, help=meta["help"], show_default=meta.get("show_default", True))
-    annotation = Annotated[kind, option]
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+    extra = {k: meta[k] for k in ("min", "metavar") if k in meta}
+    option = typer.Option(*flags, help=meta["help"], show_default=meta.get("show_default", True), **extra)
+    params = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option])
+    ]
+    if "aliases" in meta:
+        hidden = Annotated[bool, typer.Option(*meta["aliases"], hidden=True)]
+        params.append(inspect.Parameter(_alias(f), inspect.Parameter.KEYWORD_ONLY, default=False, annotation=hidden))
+    return params
 
 
-def _from_option(f: dataclasses.Field, value: Any) -> Any:
+def _alias(f: dataclasses.Field) -> str:
+    return f"{f.name}__alias"
+
+
+def _from_option(f: dataclasses.Field, kwargs: dict[str, Any]) -> Any:
+    """A field's value from the command's options (popped from ``kwargs``): parsed, an enum's value, or switched on
+    by an old spelling."""
+    value = kwargs.pop(f.name)
+    if "aliases" in f.metadata:
+        value = kwargs.pop(_alias(f)) or value
     if "parse" in f.metadata:
         return f.metadata["parse"](value)
     return value.value if isinstance(value, Enum) else value
@@ -225,7 +180,7 @@ def config_options(config_cls: type, into: str) -> Callable[[F], F]:
     help and checks live there, once); the command is called with ``into=config_cls(**the options' values)``."""
     fields = dataclasses.fields(config_cls)
     hints = get_type_hints(config_cls, include_extras=True)
-    options = [_field_option(f, hints[f.name]) for f in fields]
+    options = [p for f in fields for p in _field_option(f, hints[f.name])]
 
     def decorate(fn: F) -> F:
         params = list(inspect.signature(fn, eval_str=True).parameters.values())
@@ -233,7 +188,7 @@ def config_options(config_cls: type, into: str) -> Callable[[F], F]:
 
         @functools.wraps(fn)
         def with_config(**kwargs: Any) -> Any:
-            values = {f.name: _from_option(f, kwargs.pop(f.name)) for f in fields}
+            values = {f.name: _from_option(f, kwargs) for f in fields}
             return fn(**kwargs, **{into: config_cls(**values)})
 
         with_config.__signature__ = inspect.Signature([*params[:at], *options, *params[at + 1 :]])  # type: ignore[attr-defined]
@@ -242,27 +197,17 @@ def config_options(config_cls: type, into: str) -> Callable[[F], F]:
     return decorate
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelOptions:
-    """How a MODEL argument is built, declared once for every command that loads a model."""
+def field_option(config_cls: type, name: str) -> Any:
+    """The annotated type of one field's option, to declare it in a command or another options class (its default:
+    ``getattr(config_cls, name)``)."""
+    f = next(f for f in dataclasses.fields(config_cls) if f.name == name)
+    return _field_option(f, get_type_hints(config_cls)[name])[0].annotation
 
-    arch: ArchOpt = None
-    model_arg: ModelArgOpt = None
-    pretrained: PretrainedOpt = False
-    strict_load: StrictLoadOpt = True
-    trust_checkpoint: TrustOpt = False
 
-    def load_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`~oversmooth_cli.measure.measure` and ``finetune`` these options give."""
-        from ..reading.loading import parse_model_args
+DeviceOpt = field_option(MeasureConfig, "device")
 
-        return {
-            "arch": self.arch,
-            "pretrained": self.pretrained,
-            "model_args": parse_model_args(self.model_arg),
-            "strict_load": self.strict_load,
-            "trust_checkpoint": self.trust_checkpoint,
-        }
+
+WorkersOpt = field_option(MeasureConfig, "workers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +217,14 @@ class GateOptions:
     atol: AtolOpt = None
     rtol: RtolOpt = None
     sigma: SigmaOpt = 0.0
-    direction: DirectionOpt = Direction.both
+    direction: str = dataclasses.field(
+        default="both",
+        metadata={
+            "help": "both: any change beyond the band fails; up: only more over-smoothing (e.g. token_cosine rose, "
+            "attention_std fell); down: only less.",
+            "choices": tuple(DIRECTIONS),
+        },
+    )
     layers: LayersOpt = None
     allow_other_images: AllowOtherImagesOpt = False
     report: ReportOpt = None
@@ -280,10 +232,9 @@ class GateOptions:
     plot: PlotOpt = None
 
     def gate(self, baseline: Path, metrics: list[str] | None = None) -> Any:
-        """The :class:`~oversmooth_cli.check.CheckGate` these options describe (baseline loaded, layers parsed)."""
+        """The :class:`~oversmooth_cli.gate.check.CheckGate` these options describe (baseline loaded, layers parsed)."""
         from ..gate.check import CheckGate
         from ..gate.tolerances import tolerance_from_options
 
-        direction = Direction(self.direction).value
-        tolerance = tolerance_from_options(self.atol, self.rtol, self.sigma, direction)
+        tolerance = tolerance_from_options(self.atol, self.rtol, self.sigma, self.direction)
         return CheckGate.prepare(baseline, tolerance, metrics, self.layers, self.allow_other_images)

@@ -6,7 +6,8 @@ with a tolerance band::
     allowed = atol + rtol * |baseline| + sigma * sqrt(se_baseline^2 + se_current^2),  se = std / sqrt(n_images)
 
 ``atol`` and ``rtol`` are per metric: the registry holds a default for each (:attr:`MetricDef.atol
-<oversmooth_cli.metrics.MetricDef>`, set from the metric's scale), ``Tolerance(atol=...)`` sets one value for every
+<oversmooth_cli.metrics.registry.MetricDef>`, set from the metric's scale), ``Tolerance(atol=...)`` sets one value for
+every
 metric and ``Tolerance(metric_atol={...})`` overrides single metrics. ``direction`` decides which side of the band
 counts: ``both`` fails on ``|diff| > allowed``; ``up`` only when over-smoothing got worse by more than ``allowed``
 (a metric whose registry entry says ``higher_is_smoother`` rose, or one that says the opposite fell); ``down`` only
@@ -16,7 +17,7 @@ Two runs are compared only when their recorded definitions agree (:func:`validat
 each metric's definition, ``--include-prefix``, input size and token grid, the image set); ``check``, ``compare``
 and ``measure --baseline`` all go through it. The command line is a thin wrapper::
 
-    from oversmooth_cli.check import Tolerance, check_runs, write_outputs
+    from oversmooth_cli.gate.reports import Tolerance, check_runs, write_outputs
     result = check_runs("ci/baseline", "runs/new", Tolerance(metric_atol={"token_cosine": 0.02}))
     write_outputs(result, report="report.md", junit="junit.xml", plot="diff.png")
     raise SystemExit(0 if result.passed else 1)
@@ -33,10 +34,10 @@ import numpy as np
 import pandas as pd
 
 from .comparable import validate_comparable
-from .layers import _layer_list, format_layers
 from .reports import write_outputs
 from .runs import Run, load_run
-from .tolerances import DIRECTIONS, Tolerance, smoothing_sign
+from .selection import DIRECTIONS, _layer_list, format_layers
+from .tolerances import Tolerance, smoothing_sign
 
 __all__ = ["CHECK_COLUMNS", "CheckGate", "CheckResult", "check_runs", "compare_checked"]
 

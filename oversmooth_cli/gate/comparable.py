@@ -8,8 +8,8 @@ from typing import Any
 
 from ..errors import UserError
 from ..metrics.registry import metric_order
-from .layers import format_layers
 from .runs import Run
+from .selection import format_layers
 
 __all__ = ["validate_comparable", "validate_definitions"]
 
@@ -225,10 +225,10 @@ def validate_comparable(
 
     if layers is not None:
         have = {layer for m in selected for layer in baseline.layers_of(m)}
-        absent = [x for x in layers if x not in have]
-        if absent:
+        missing = [x for x in layers if x not in have]
+        if missing:
             raise UserError(
-                f"--layers asks for {format_layers(absent)}, which the runs do not have "
+                f"--layers asks for {format_layers(missing)}, which the runs do not have "
                 f"(they have {format_layers(have)})"
             )
     return selected, notes

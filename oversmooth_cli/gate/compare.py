@@ -2,7 +2,7 @@
 
 Runs of models with different depths line up by relative depth (``layer / L``) with ``relative_depth=True``::
 
-    from oversmooth_cli.compare import compare_runs, write_compare
+    from oversmooth_cli.gate.compare import compare_runs, write_compare
     result = compare_runs(["runs/before", "runs/after"], labels=["before", "after"])
     write_compare(result, "compare.png")  # also writes compare.csv beside it
 """
@@ -100,11 +100,12 @@ def compare_runs(
 ) -> CompareResult:
     """Load several runs and build their wide table.
 
-    Every run is checked against the first with :func:`~oversmooth_cli.check.validate_definitions`, as ``check``
+    Every run is checked against the first with :func:`~oversmooth_cli.gate.comparable.validate_definitions`, as
+    ``check``
     does, except that a different input size or token grid (different models) is a note, not a refusal.
 
     Args:
-        sources: run folders or ``layers.csv`` files (or loaded :class:`~oversmooth_cli.report.Run` objects).
+        sources: run folders or ``layers.csv`` files (or loaded :class:`~oversmooth_cli.gate.runs.Run` objects).
         labels: one legend label per run (default: :func:`default_labels`).
         relative_depth: align runs by ``layer / L`` instead of the layer index.
         metrics: metrics to show (default: every metric any run has).

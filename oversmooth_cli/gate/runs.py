@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import read_layers
 from ..metrics.registry import metric_order
 
@@ -66,10 +66,6 @@ class Run:
         return int(self.layers["n_images"].max()) if len(self.layers) else 0
 
 
-DEFINITION_KEYS = ("metrics_version", "include_prefix", "metrics", "input_size", "n_tokens", "images")
-"""The compared entries of ``summary.json``'s ``definitions`` (``attention_tap`` is recorded, not compared)."""
-
-
 METRIC_DEFINITION_KEYS = ("definition", "tokens", "prefix_included", "layers")
 """The compared entries of one metric's definition."""
 
@@ -87,8 +83,10 @@ def read_definitions(summary: Mapping[str, Any] | None) -> dict[str, Any]:
     if isinstance(block, Mapping):
         raw = dict(block)
     else:
-        run = summary.get("run") if isinstance(summary.get("run"), Mapping) else {}
-        data_config = summary.get("data_config") if isinstance(summary.get("data_config"), Mapping) else {}
+        run: Mapping[str, Any] = summary["run"] if isinstance(summary.get("run"), Mapping) else {}
+        data_config: Mapping[str, Any] = (
+            summary["data_config"] if isinstance(summary.get("data_config"), Mapping) else {}
+        )
         info = summary.get("layer_info")
         raw = {
             "metrics_version": summary.get("metrics_version"),
@@ -145,7 +143,7 @@ def load_run(source: str | Path) -> Run:
     try:
         df = read_layers(csv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {csv} as a layers.csv: {str(e).splitlines()[0]}") from e
+        raise UserError(f"cannot read {csv} as a layers.csv: {first_line(e)}") from e
     if df.empty:
         raise UserError(f"{csv} has no rows; measure the run again with `oversmooth measure`")
     df = df.copy()

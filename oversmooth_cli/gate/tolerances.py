@@ -7,20 +7,20 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ..errors import UserError
 from ..metrics.registry import ATTENTION_METRICS, TOKEN_METRICS, MetricDef
+from .selection import DIRECTIONS
 
-__all__ = ["DIRECTIONS", "Tolerance", "default_tolerance", "parse_tolerances", "tolerance_from_options"]
-
-
-DIRECTIONS: dict[str, tuple[int, ...]] = {"both": (1, -1), "up": (1,), "down": (-1,)}
-"""Which changes of over-smoothing fail: +1 = more over-smoothing, -1 = less."""
+__all__ = ["Tolerance", "default_tolerance", "parse_tolerances", "tolerance_from_options"]
 
 
 # -- the comparison -----------------------------------------------------------------------------------------------
-_FALLBACK = {f.name: f.default for f in dataclasses.fields(MetricDef) if f.name in ("atol", "rtol")}
+_FALLBACK: dict[str, float] = {
+    f.name: float(cast(float, f.default)) for f in dataclasses.fields(MetricDef) if f.name in ("atol", "rtol")
+}
+"""The tolerances of a metric this version does not know: the :class:`MetricDef` field defaults."""
 
 
 def _registry(metric: str) -> MetricDef | None:
@@ -28,11 +28,12 @@ def _registry(metric: str) -> MetricDef | None:
 
 
 def default_tolerance(metric: str) -> tuple[float, float]:
-    """``(atol, rtol)`` of ``metric`` from the registry (:attr:`MetricDef.atol <oversmooth_cli.metrics.MetricDef>`);
-    a metric this version does not know gets the :class:`~oversmooth_cli.metrics.MetricDef` field defaults."""
+    """``(atol, rtol)`` of ``metric`` from the registry (:attr:`MetricDef.atol
+    <oversmooth_cli.metrics.registry.MetricDef>`);
+    a metric this version does not know gets the :class:`~oversmooth_cli.metrics.registry.MetricDef` field defaults."""
     definition = _registry(metric)
     if definition is None:
-        return float(_FALLBACK["atol"]), float(_FALLBACK["rtol"])
+        return _FALLBACK["atol"], _FALLBACK["rtol"]
     return float(definition.atol), float(definition.rtol)
 
 

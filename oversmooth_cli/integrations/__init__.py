@@ -1,4 +1,4 @@
-"""Optional integrations of :class:`~oversmooth_cli.monitor.OversmoothingMonitor` with training frameworks.
+"""Optional integrations of :class:`~oversmooth_cli.measuring.monitor.OversmoothingMonitor` with training frameworks.
 
 Each lives in its own module and needs its extra; nothing is imported here, so ``oversmooth_cli`` itself never
 needs them:
@@ -10,6 +10,14 @@ needs them:
 """
 
 from __future__ import annotations
+
+__all__ = ["metric_key", "missing_extra"]
+
+
+def metric_key(metric: str, layer: int, prefix: str = "oversmooth") -> str:
+    """The name of one metric at one layer, ``oversmooth/token_cosine/layer_03`` (layers sort as numbers): the
+    TensorBoard scalar tag (:func:`~.tensorboard.scalar_tag`) and the key logged by the Lightning callback."""
+    return f"{prefix}/{metric}/layer_{int(layer):02d}"
 
 
 def missing_extra(module: str, extra: str, what: str) -> ImportError:

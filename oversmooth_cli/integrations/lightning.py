@@ -1,4 +1,4 @@
-"""A PyTorch Lightning ``Callback`` that runs an :class:`~oversmooth_cli.monitor.OversmoothingMonitor` during
+"""A PyTorch Lightning ``Callback`` that runs an :class:`~oversmooth_cli.measuring.monitor.OversmoothingMonitor` during
 ``Trainer.fit`` and logs each layer's metric to the trainer's loggers.
 
 Example::
@@ -19,6 +19,7 @@ older ``pytorch_lightning`` package is used when it is the one installed).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,42 +33,41 @@ try:
     import lightning.pytorch as pl
 except ImportError:
     try:
-        import pytorch_lightning as pl
+        import pytorch_lightning as pl  # type: ignore[no-redef]
     except ImportError as e:
         raise missing_extra("lightning", "lightning", "PyTorch Lightning") from e
 from ..data import find_images
 from ..errors import UserError
+from ..measuring.config import MeasureConfig
 from ..measuring.monitor import MONITOR_COLUMNS, OnMeasure, OversmoothingMonitor
-from ..metrics.registry import DEFAULT_METRICS, parse_metrics
+from ..metrics.registry import parse_metrics
+from . import metric_key
 
 __all__ = ["OversmoothingCallback", "metric_key"]
 
 
-def metric_key(metric: str, layer: int, prefix: str = "oversmooth") -> str:
-    """The logged name of one metric at one layer, ``oversmooth/token_cosine/layer_03``."""
-    return f"{prefix}/{metric}/layer_{int(layer):02d}"
-
-
 class OversmoothingCallback(pl.Callback):
-    """Runs an :class:`~oversmooth_cli.monitor.OversmoothingMonitor` on the trained model and logs its values.
+    """Runs an :class:`~oversmooth_cli.measuring.monitor.OversmoothingMonitor` on the trained model and logs its values.
 
     Args:
         probe: as the monitor's: an image batch, or a folder / image / list file / list of paths. A path is
             checked here; the images are decoded with the model's data config when fitting starts.
         every: measure when ``trainer.global_step`` is a multiple of ``every`` (and before the first step).
-        metrics: as ``measure --metrics``.
+        config: what to measure, as the monitor's (:class:`~oversmooth_cli.measuring.config.MeasureConfig`:
+            ``metrics``, ``batch_size``, ``attention_tap``, ``include_prefix``).
         model: the timm model: an attribute name of the LightningModule, a module, or a function of the
             LightningModule; default: its ``model`` attribute when it has one, else the LightningModule itself.
         prefix: first part of every logged name.
-        **monitor_kwargs: more :class:`~oversmooth_cli.monitor.OversmoothingMonitor` arguments (``batch_size``,
-            ``data_config``, ``on_measure``...).
+        **monitor_kwargs: more :class:`~oversmooth_cli.measuring.monitor.OversmoothingMonitor` arguments
+        (``data_config``,
+            ``on_measure``).
     """
 
     def __init__(
         self,
         probe: torch.Tensor | str | Path | Sequence[str | Path],
         every: int = 100,
-        metrics: str | Sequence[str] = DEFAULT_METRICS,
+        config: MeasureConfig | None = None,
         *,
         model: str | nn.Module | Callable[[pl.LightningModule], nn.Module] | None = None,
         prefix: str = "oversmooth",
@@ -78,7 +78,9 @@ class OversmoothingCallback(pl.Callback):
             find_images(probe)  # a missing or empty probe is an error now, not when fitting starts
         if every < 1:
             raise UserError(f"the monitor's every must be at least 1 step, got {every}")
-        self.probe, self.every, self.metrics = probe, every, parse_metrics(metrics)
+        config = config or MeasureConfig()
+        self.metrics = parse_metrics(config.metrics)  # an unknown metric is an error now, not when fitting starts
+        self.probe, self.every, self.config = probe, every, replace(config, metrics=self.metrics)
         self.model, self.prefix, self.monitor_kwargs = model, prefix, monitor_kwargs
         self.monitor: OversmoothingMonitor | None = None
         self._trainer: pl.Trainer | None = None
@@ -112,12 +114,17 @@ class OversmoothingCallback(pl.Callback):
             extra = self.monitor_kwargs.get("on_measure", ())
             sinks: list[OnMeasure] = [self._log, *([extra] if callable(extra) else extra)]
             kwargs = {**self.monitor_kwargs, "on_measure": sinks}
-            self.monitor = OversmoothingMonitor(self._model(pl_module), self.probe, self.every, self.metrics, **kwargs)
+            self.monitor = OversmoothingMonitor(self._model(pl_module), self.probe, self.every, self.config, **kwargs)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.monitor.step(trainer.global_step)
+        self._monitor().step(trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.monitor.step(trainer.global_step)
+        self._monitor().step(trainer.global_step)
+
+    def _monitor(self) -> OversmoothingMonitor:
+        if self.monitor is None:
+            raise RuntimeError("OversmoothingCallback used before Lightning called its setup()")
+        return self.monitor

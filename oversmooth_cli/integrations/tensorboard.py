@@ -3,7 +3,7 @@
 Example::
 
     from oversmooth_cli.integrations.tensorboard import TensorBoardWriter
-    from oversmooth_cli.monitor import OversmoothingMonitor
+    from oversmooth_cli.measuring.monitor import OversmoothingMonitor
 
     tb = TensorBoardWriter("runs/tb")
     mon = OversmoothingMonitor(model, "examples/images", every=100, on_measure=tb)
@@ -11,7 +11,7 @@ Example::
     tb.close()
 
 Scalars are tagged ``oversmooth/<metric>/layer_<NN>`` (the mean over the probe images) at the training step; at
-every measured step the image ``oversmooth/heatmap`` shows :func:`~oversmooth_cli.report.plot_monitor_heatmap` of
+every measured step the image ``oversmooth/heatmap`` shows :func:`~oversmooth_cli.plots.plot_monitor_heatmap` of
 the history so far. Needs the ``tensorboard`` extra.
 """
 
@@ -30,17 +30,13 @@ except ImportError as e:  # torch.utils.tensorboard needs the tensorboard packag
     raise missing_extra("tensorboard", "tensorboard", "TensorBoard") from e
 from ..measuring.monitor import MONITOR_COLUMNS
 from ..plots import plot_monitor_heatmap
+from . import metric_key as scalar_tag
 
 __all__ = ["TensorBoardWriter", "scalar_tag"]
 
 
-def scalar_tag(metric: str, layer: int, prefix: str = "oversmooth") -> str:
-    """The scalar tag of one metric at one layer, ``oversmooth/token_cosine/layer_03`` (layers sort as numbers)."""
-    return f"{prefix}/{metric}/layer_{int(layer):02d}"
-
-
 class TensorBoardWriter:
-    """Writes each measurement of an :class:`~oversmooth_cli.monitor.OversmoothingMonitor` to TensorBoard.
+    """Writes each measurement of an :class:`~oversmooth_cli.measuring.monitor.OversmoothingMonitor` to TensorBoard.
 
     Pass it as the monitor's ``on_measure`` (it is called as ``writer(step, rows)``), or call it with rows of a
     saved ``monitor.csv``.
@@ -59,7 +55,7 @@ class TensorBoardWriter:
         prefix: str = "oversmooth",
     ) -> None:
         self._owned = not isinstance(log_dir, SummaryWriter)
-        self.writer = SummaryWriter(str(log_dir)) if self._owned else log_dir
+        self.writer: SummaryWriter = log_dir if isinstance(log_dir, SummaryWriter) else SummaryWriter(str(log_dir))
         self.heatmap_metrics, self.prefix = heatmap_metrics, prefix
         self._history: list[pd.DataFrame] = []
 

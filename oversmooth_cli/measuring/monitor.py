@@ -1,8 +1,8 @@
 """Watch over-smoothing while any training loop runs: :class:`OversmoothingMonitor` measures a fixed probe every
 ``every`` steps and keeps a small tidy table.
 
-The metric pass is :func:`~oversmooth_cli.measure.measure_batches`, the one ``measure`` runs, on the probe's images
-preprocessed as ``measure`` preprocesses them (the model's own eval transform), so the history at a step equals
+The metric pass is :func:`~oversmooth_cli.measuring.run.measure_batches`, the one ``measure`` runs, on the probe's
+images preprocessed as ``measure`` preprocesses them (the model's own eval transform), so the history at a step equals
 ``measure`` of the same weights on the same images. Between training steps the monitor runs the pass in eval mode,
 without gradients and without autocast, then puts back exactly what it found: the train/eval flag of every module,
 the Python, NumPy, torch CPU and CUDA generator states, the autocast and grad modes. Training with the monitor
@@ -29,6 +29,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,12 @@ from torch import nn
 
 from .. import runtime
 from ..data import build_loader, find_images
-from ..errors import UserError
-from ..metrics.registry import DEFAULT_METRICS, parse_metrics
+from ..errors import UserError, first_line
+from ..metrics.registry import parse_metrics
 from ..reading.loading import LoadedModel, resolve_data_config
+from ..reading.readers import UnsupportedModelError
 from ..reading.registry import resolve_adapter
-from ..reading.taps import UnsupportedModelError
+from .config import MeasureConfig
 from .run import measure_batches
 from .summary import layer_table
 
@@ -67,8 +69,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif isinstance(compiled := getattr(model, "_orig_mod", None), nn.Module):
+            model = compiled
         else:
             return model
 
@@ -131,7 +133,7 @@ def load_probe(
                 f"of shape {tuple(probe.shape)}"
             )
         return probe.detach().to("cpu", copy=True)
-    paths = [Path(p) for p in probe] if isinstance(probe, (list, tuple)) else find_images(probe)
+    paths = [Path(p) for p in probe] if isinstance(probe, (list, tuple)) else find_images(Path(str(probe)))
     if not paths:
         raise UserError("the probe names no images; give a folder, an image, a list file or an image batch")
     images: list[torch.Tensor] = []
@@ -156,15 +158,15 @@ class OversmoothingMonitor:
 
     Args:
         model: any model ``measure`` supports (a DDP / ``torch.compile`` wrapper is unwrapped), or a
-            :class:`~oversmooth_cli.models.LoadedModel`. It is read, never changed; the pass runs on its device.
+            :class:`~oversmooth_cli.reading.loading.LoadedModel`. It is read, never changed; the pass runs on its
+            device.
         probe: an image batch ``(N, C, H, W)`` already preprocessed for the model, or a folder / image / list file /
             list of paths, decoded and transformed with the model's data config as ``measure`` does.
         every: measure at the steps that are multiples of ``every``.
-        metrics: metric names or presets, as ``measure --metrics`` (default ``token_cosine,attention_std``).
+        config: what to measure, as for ``measure`` (:class:`~oversmooth_cli.measuring.config.MeasureConfig`); the
+            monitor reads its ``metrics`` (default ``token_cosine,attention_std``), ``batch_size`` (probe images per
+            forward pass), ``attention_tap`` and ``include_prefix``, and runs on the model's device without autocast.
         data_config: preprocessing of a path probe (default: the model's, as ``measure`` resolves it).
-        batch_size: probe images per forward pass.
-        attention_tap: as ``measure --attention-tap``.
-        include_prefix: as ``measure --include-prefix``.
         on_measure: called as ``fn(step, rows)`` with each measurement's new rows (e.g. a
             :class:`~oversmooth_cli.integrations.tensorboard.TensorBoardWriter`); its errors are handled like the
             monitor's own.
@@ -183,17 +185,16 @@ class OversmoothingMonitor:
         model: nn.Module | LoadedModel,
         probe: torch.Tensor | str | Path | Sequence[str | Path],
         every: int = 100,
-        metrics: str | Sequence[str] = DEFAULT_METRICS,
+        config: MeasureConfig | None = None,
         *,
         data_config: dict[str, Any] | None = None,
-        batch_size: int = 32,
-        attention_tap: str = "auto",
-        include_prefix: bool = False,
         on_measure: OnMeasure | Sequence[OnMeasure] = (),
     ) -> None:
         if isinstance(model, LoadedModel):
             data_config = data_config or model.data_config
             model = model.model
+        config = config or MeasureConfig()
+        batch_size = config.batch_size
         if every < 1:
             raise UserError(f"the monitor's every must be at least 1 step, got {every}")
         if batch_size < 1:
@@ -204,9 +205,10 @@ class OversmoothingMonitor:
         except UnsupportedModelError as e:
             raise UserError(str(e)) from e
         self.every = int(every)
-        self.metrics = parse_metrics(metrics)
+        self.metrics = parse_metrics(config.metrics)
+        self.config = replace(config, metrics=self.metrics, amp=False, channels_last=False, compile=False)
         self.data_config = data_config or resolve_data_config(self.model)
-        self.batch_size, self.attention_tap, self.include_prefix = batch_size, attention_tap, include_prefix
+        self.batch_size = batch_size
         self.images = load_probe(probe, self.data_config, batch_size)
         self.on_measure = [on_measure] if callable(on_measure) else list(on_measure)
         self.unavailable: dict[str, str] = {}
@@ -252,7 +254,7 @@ class OversmoothingMonitor:
         try:
             return self.measure(step)
         except Exception as e:  # the training loop must go on, whatever happens here
-            message = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            message = f"{type(e).__name__}: {first_line(e)[:300]}"
             self.errors.append((step, message))
             if not self._warned_error:
                 self._warned_error = True
@@ -276,16 +278,9 @@ class OversmoothingMonitor:
         with preserved_state(model):
             device = _device(model)
             chunks = self.images.split(self.batch_size)
+            batches: Iterator[tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]]
             batches = ((x, list(range(len(x))), []) for x in chunks)
-            result = measure_batches(
-                model,
-                batches,
-                device,
-                metrics=self.metrics,
-                attention_tap=self.attention_tap,
-                include_prefix=self.include_prefix,
-                inference=False,
-            )
+            result = measure_batches(model, batches, device, self.config, inference=False)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         rows = layer_table(result).assign(step=step)[MONITOR_COLUMNS]

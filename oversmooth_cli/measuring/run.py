@@ -7,17 +7,17 @@ The command line is a thin wrapper over :func:`measure` and :func:`write_run`; b
     write_run(result, "runs/digits")
 
 The path of the data: :func:`measure` finds and shards the images, loads the model and calls
-:func:`measure_batches` (forward passes under an :class:`~oversmooth_cli.capture.OversmoothingCapture` that feeds an
-:class:`~oversmooth_cli.accumulate.OversmoothingAccumulator`), sums the statistics over processes, and turns them into
-the per-layer and per-head tables plus :func:`build_summary`'s ``summary.json``.
+:func:`measure_batches` (forward passes under an :class:`~oversmooth_cli.reading.capture.OversmoothingCapture` that
+feeds an :class:`~oversmooth_cli.metrics.accumulate.OversmoothingAccumulator`), sums the statistics over processes,
+and turns them into the per-layer and per-head tables plus :func:`build_summary`'s ``summary.json``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +26,14 @@ import torch
 
 from .. import runtime
 from ..data import build_loader, find_images, sample_paths, shard_paths
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import HEAD_COLUMNS
 from ..metrics.accumulate import OversmoothingAccumulator
-from ..metrics.registry import (
-    DEFAULT_METRICS,
-    parse_metrics,
-    split_metrics,
-)
+from ..metrics.registry import parse_metrics, split_metrics
 from ..reading.capture import OversmoothingCapture
 from ..reading.loading import LoadedModel, load_model
-from ..reading.taps import UnsupportedModelError
+from ..reading.readers import UnsupportedModelError
+from .config import LoadOptions, MeasureConfig, validate_measure_config
 from .summary import BatchesResult, MeasureResult, _require_values, build_summary, describe_image_set, layer_table
 
 __all__ = ["measure", "measure_batches"]
@@ -76,8 +73,11 @@ class _Forward:
 
     def _fall_back(self, error: BaseException) -> None:
         self.compiled = None
-        first = (str(error).strip().splitlines() or [""])[0][:200]
-        _log.warning("torch.compile failed (%s: %s); measuring without compilation", type(error).__name__, first)
+        _log.warning(
+            "torch.compile failed (%s: %s); measuring without compilation",
+            type(error).__name__,
+            first_line(error)[:200],
+        )
 
     def __call__(self, images: torch.Tensor) -> Any:
         if self.compiled is None:
@@ -91,16 +91,11 @@ class _Forward:
 
 def measure_batches(
     model: torch.nn.Module,
-    batches,
+    batches: Iterable[tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]],
     device: torch.device,
-    amp: bool = False,
-    metrics: str | Sequence[str] = DEFAULT_METRICS,
-    attention_tap: str = "auto",
+    config: MeasureConfig | None = None,
     on_batch: Callable[[int, list[tuple[int, str]]], None] | None = None,
-    include_prefix: bool = False,
     *,
-    channels_last: bool = False,
-    compile: bool = False,
     inference: bool = True,
 ) -> BatchesResult:
     """Reduce batches ``(images, indices, failures)`` to a filled accumulator (the core loop, no I/O).
@@ -109,32 +104,32 @@ def measure_batches(
         model: eval-mode model already on ``device``.
         batches: iterable of ``(images or None, indices, [(index, error)])`` as the loader yields them.
         device: where the forward runs.
-        amp: bf16 autocast on CUDA (metric arithmetic stays float32).
-        metrics: names of token and attention metrics, or presets (see :func:`~oversmooth_cli.metrics.parse_metrics`).
-        attention_tap: ``auto``, ``qk``, ``inline`` or ``softmax`` (see :mod:`oversmooth_cli.adapters`).
+        config: what to measure and how; used here: ``metrics``, ``attention_tap``, ``include_prefix``, ``amp``
+            (bf16 autocast on CUDA, metric arithmetic stays float32), ``channels_last`` (model and images in
+            ``torch.channels_last`` memory format, restored after) and ``compile`` (``torch.compile`` the forward
+            pass; eager with one warning line if that fails).
         on_batch: ``on_batch(n_images_in_batch, failures)`` after each batch.
-        include_prefix: token metrics measure prefix tokens too (``--include-prefix``).
-        channels_last: run the model and the images in ``torch.channels_last`` memory format (restored after).
-        compile: ``torch.compile`` the forward pass; falls back to eager with one warning line if that fails.
         inference: run under ``torch.inference_mode`` (default) or ``torch.no_grad`` (the monitor, between training
             steps: a tensor a module caches during the pass must stay usable by autograd afterwards).
     """
-    token_metrics, attention_metrics = split_metrics(metrics)
+    config = config or MeasureConfig()
+    channels_last = config.channels_last
+    token_metrics, attention_metrics = split_metrics(config.metrics)
     acc = OversmoothingAccumulator()
     non_blocking = device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     capture = OversmoothingCapture(
-        model, token_metrics, attention_metrics, attention_tap, include_prefix=include_prefix
+        model, token_metrics, attention_metrics, config.attention_tap, include_prefix=config.include_prefix
     )
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    forward = _Forward(model, compile)
+    forward = _Forward(model, config.compile)
     try:
         with capture as cap, torch.inference_mode() if inference else torch.no_grad():
             for images, _indices, failures in batches:
                 n = 0
                 if images is not None:
-                    with runtime.autocast(device, amp):
+                    with runtime.autocast(device, config.amp):
                         forward(images.to(device, non_blocking=non_blocking, memory_format=memory_format))
                     acc.update(*cap.pop_batch())
                     n = images.shape[0]
@@ -150,20 +145,23 @@ def measure_batches(
 
 @dataclass
 class _Reader:
-    """Per-batch bookkeeping of :func:`measure`: unreadable files (an error under ``strict``) and progress."""
+    """Per-batch bookkeeping of :func:`measure`: unreadable files (an error under ``fail_on_unreadable``) and
+    progress."""
 
     paths: Sequence[Path]
     """This process's shard of the images."""
     total: int
-    strict: bool
+    fail_on_unreadable: bool
     progress: ProgressFn | None
     skipped: list[dict[str, str]] = field(default_factory=list)
     done: int = 0
 
     def __call__(self, n: int, failures: list[tuple[int, str]]) -> None:
         for i, err in failures:
-            if self.strict:
-                raise UserError(f"cannot read image {self.paths[i]}: {err} (drop --strict to skip unreadable files)")
+            if self.fail_on_unreadable:
+                raise UserError(
+                    f"cannot read image {self.paths[i]}: {err} (drop --fail-on-unreadable to skip unreadable files)"
+                )
             self.skipped.append({"path": str(self.paths[i]), "reason": err})
         self.done += n + len(failures)
         if self.progress is not None and runtime.is_main():
@@ -173,26 +171,11 @@ class _Reader:
 def measure(
     model: str | LoadedModel,
     images: str | Path | Sequence[Path],
+    config: MeasureConfig | None = None,
     *,
-    arch: str | None = None,
-    pretrained: bool = False,
-    model_args: dict[str, Any] | None = None,
-    strict_load: bool = True,
-    trust_checkpoint: bool = False,
-    device: str = "auto",
-    batch_size: int = 32,
-    workers: int = 0,
-    amp: bool = False,
-    limit: int | None = None,
-    seed: int = 0,
-    strict: bool = False,
-    metrics: str | Sequence[str] = DEFAULT_METRICS,
-    include_prefix: bool = False,
-    attention_tap: str = "auto",
+    load: LoadOptions | None = None,
     progress: ProgressFn | None = None,
     command: str | None = None,
-    channels_last: bool = False,
-    compile: bool = False,
 ) -> MeasureResult:
     """Measure layer-wise over-smoothing of a timm model on an image folder, one image, or a list file.
 
@@ -201,55 +184,37 @@ def measure(
     Args:
         model: a timm model name, a checkpoint file, a folder with ``config.json``, or a :class:`LoadedModel`.
         images: folder (recursive), single image, text file of paths, or a list of paths.
-        arch, pretrained, model_args, strict_load, trust_checkpoint: see :func:`~oversmooth_cli.models.load_model`.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
-        batch_size: images per forward pass.
-        workers: DataLoader worker processes.
-        amp: bf16 autocast on CUDA.
-        limit: measure a random sample of this many images (reproducible with ``seed``).
-        seed: seed of the sample.
-        strict: an unreadable image is an error instead of being skipped and listed.
-        metrics: metric names or presets, e.g. ``"all"`` or ``["default", "effective_rank"]`` (default:
-            ``token_cosine``, ``attention_std``; see :func:`~oversmooth_cli.metrics.parse_metrics`).
-        include_prefix: token metrics measure the prefix tokens (class, distillation, registers) too.
-        attention_tap: ``auto`` (``inline`` on CPU, ``qk`` on GPUs), ``qk`` (fused attention kept, statistics from
-            q and k), ``inline`` (attention computed once by the capture) or ``softmax`` (the model's unfused path).
+        config: what to measure and how (:class:`~oversmooth_cli.measuring.config.MeasureConfig`: metrics, device,
+            batch size, workers, amp, the ``limit`` sample and its ``seed``, unreadable images, attention tap...).
+        load: how ``model`` is built when it is not a :class:`LoadedModel`
+            (:class:`~oversmooth_cli.measuring.config.LoadOptions`).
         progress: ``progress(done, total)`` after each batch (on rank 0 only).
         command: the command line to record in the summary.
-        channels_last: run in ``torch.channels_last`` memory format (can help convolutional stems on GPUs).
-        compile: ``torch.compile`` the forward pass (slow first batch); falls back to eager with a warning.
 
     Returns:
         A :class:`MeasureResult`; :func:`write_run` writes it to a folder.
+
+    Example:
+        >>> measure("examples/digits-vit", "examples/images", MeasureConfig(device="cpu", metrics="all"))
     """
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    metrics = parse_metrics(metrics)
+    config = validate_measure_config(config or MeasureConfig())
+    load = load or LoadOptions()
+    device, batch_size, workers, amp = config.device, config.batch_size, config.workers, config.amp
+    limit, seed, include_prefix = config.limit, config.seed, config.include_prefix
+    channels_last, compile = config.channels_last, config.compile
+    metrics = parse_metrics(config.metrics)
     dev = runtime.setup_device(device)
-    all_paths = list(images) if isinstance(images, (list, tuple)) else find_images(images)
+    all_paths = find_images(images) if isinstance(images, (str, Path)) else [Path(p) for p in images]
     paths = sample_paths(all_paths, limit, seed)
-    loaded = (
-        model
-        if isinstance(model, LoadedModel)
-        else load_model(model, arch, pretrained, model_args, strict=strict_load, trust_checkpoint=trust_checkpoint)
-    )
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, **load.load_kwargs())
     net = loaded.model.to(dev).eval()
-    reader = _Reader(shard_paths(paths, runtime.rank(), runtime.world_size()), len(paths), strict, progress)
+    reader = _Reader(
+        shard_paths(paths, runtime.rank(), runtime.world_size()), len(paths), config.fail_on_unreadable, progress
+    )
     loader = build_loader(reader.paths, loaded.data_config, batch_size, workers, pin_memory=dev.type == "cuda")
     start = time.perf_counter()
     try:
-        batches = measure_batches(
-            net,
-            loader,
-            dev,
-            amp,
-            metrics,
-            attention_tap,
-            reader,
-            include_prefix,
-            channels_last=channels_last,
-            compile=compile,
-        )
+        batches = measure_batches(net, loader, dev, replace(config, metrics=metrics), reader)
     except UnsupportedModelError as e:
         raise UserError(str(e)) from e
     if dev.type == "cuda":
@@ -264,7 +229,7 @@ def measure(
     source = f"{len(images)} paths" if isinstance(images, (list, tuple)) else str(images)
     unread = {s["path"] for s in skipped}
     image_set = describe_image_set(
-        [p for p in paths if str(p) not in unread], None if isinstance(images, (list, tuple)) else images
+        [p for p in paths if str(p) not in unread], images if isinstance(images, (str, Path)) else None
     )
     counts = {"source": source, "found": len(all_paths), "selected": len(paths), "measured": n_images}
     image_info = {**counts, "skipped": len(skipped), "skipped_files": skipped, "limit": limit, "seed": seed}

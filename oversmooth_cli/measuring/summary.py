@@ -48,7 +48,7 @@ class BatchesResult:
 
     Attributes:
         accumulator: the statistics of this process's images (not yet summed over processes).
-        layers: one :class:`~oversmooth_cli.capture.LayerInfo` per measured layer, layer 0 first.
+        layers: one :class:`~oversmooth_cli.reading.capture.LayerInfo` per measured layer, layer 0 first.
         unavailable: ``{metric: reason}`` for selected metrics the model cannot give.
         attention_tap: the tap ``auto`` resolved to.
         compiled: the ``torch.compile``'d forward was used to the end.
@@ -72,7 +72,7 @@ def _require_values(batches: BatchesResult, skipped: list[dict[str, str]], n_sel
 
 
 def layer_table(batches: BatchesResult) -> pd.DataFrame:
-    """The ``layers.csv`` rows (:data:`~oversmooth_cli.report.LAYER_COLUMNS`), with each layer's stage and tokens."""
+    """The ``layers.csv`` rows (:data:`~oversmooth_cli.io.LAYER_COLUMNS`), with each layer's stage and tokens."""
     df = pd.DataFrame(list(batches.accumulator.layer_rows()), columns=LAYER_COLUMNS)
     info = {layer.index: layer for layer in batches.layers}
     df["stage"] = [info[i].stage for i in df["layer"]]
@@ -158,7 +158,7 @@ def run_definitions(
     """``summary.json``'s ``definitions``: what two runs must share for their numbers to mean the same thing.
 
     ``metrics_version``, ``include_prefix``, each measured metric's definition (``definition``, ``tokens``,
-    ``prefix_included``, ``layers`` of :func:`~oversmooth_cli.metrics.describe_metric`), the model input size
+    ``prefix_included``, ``layers`` of :func:`~oversmooth_cli.metrics.registry.describe_metric`), the model input size
     (``input_size`` of the data config), the patch tokens per layer (``n_tokens``, layer 0 first) and the image set
     (:func:`describe_image_set`). ``attention_tap`` is recorded too but never compared: the taps agree to 1e-5.
     """

@@ -1,4 +1,4 @@
-"""Over-smoothing metrics: the pure tensor formulas and the metric registry.
+"""Over-smoothing metrics: the pure tensor formulas (their registry: :mod:`oversmooth_cli.metrics.registry`).
 
 Every formula lives here once. The capture code, the losses, the reports and ``check`` all call these
 functions; the tests compare each one with a float64 brute-force loop.
@@ -7,7 +7,7 @@ Token metrics take patch tokens ``(..., n, d)`` and return one value per image `
 Attention metrics take softmax attention rows ``(..., Q, K)`` and return one value per query row
 ``(..., Q)``; the caller averages rows into a per-head and a per-layer figure, which lets the capture
 code compute them on chunks of queries without ever holding a full ``T x T`` matrix
-(:mod:`oversmooth_cli.attention`).
+(:mod:`oversmooth_cli.reading.attention`).
 
 Cross-layer metrics compare layer ``l - 1`` with layer ``l`` of the same image (``inputs="consecutive"`` in the
 registry): :func:`linear_cka` on token matrices, and :func:`attention_column_sums` /
@@ -15,7 +15,8 @@ registry): :func:`linear_cka` on token matrices, and :func:`attention_column_sum
 
 The registry (:data:`TOKEN_METRICS`, :data:`ATTENTION_METRICS`) says what the capture feeds each metric, how to read
 it and where its definition comes from; :func:`parse_metrics` turns ``--metrics`` into registry names. Streaming
-statistics over images live in :mod:`oversmooth_cli.accumulate`, token positions in :mod:`oversmooth_cli.geometry`.
+statistics over images live in :mod:`oversmooth_cli.metrics.accumulate`, token positions in
+:mod:`oversmooth_cli.reading.geometry`.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -79,7 +80,7 @@ class MetricDef:
     """
 
     name: str
-    fn: Callable[..., torch.Tensor]
+    fn: Callable[..., Any]
     kind: str  # "token" or "attention"
     definition: str
     higher_is_smoother: bool  # True: a rising curve means more over-smoothing

@@ -1,12 +1,18 @@
-"""Attention probabilities computed in blocks of images and query rows, in reusable scratch memory.
+"""How attention probabilities are computed: the attention tap, and the kernel that computes them in blocks.
 
-:func:`iter_attention_blocks` yields ``softmax(q k^T * scale + bias)`` one block at a time, so the full
-``(B, H, T, S)`` probability tensor never exists at once: a block is a run of batch rows (images, or windows) and of
-query rows. By default a block holds every batch row and as many query rows as ``max_elements`` allows (the
-:func:`iter_attention_probs` view); with ``block_elements`` the batch rows are split too, into blocks small enough to
-stay in a CPU's cache while the caller reads them several times (softmax, statistics, values). With a
-:class:`Scratch` (slots of memory reused by every attention of a forward pass), every block is computed in place and
-nothing large is allocated per layer.
+The attention *tap* (``--attention-tap``: :data:`ATTENTION_TAPS`, :func:`resolve_attention_tap`) says how the
+probabilities a reader (:mod:`oversmooth_cli.reading.readers`) hands over are computed: recomputed from ``q`` and
+``k`` beside the model's fused kernel (``qk``), computed once together with the attention output (``inline``:
+:func:`measured_blocks` with an :class:`AttentionOutput`), or read from the model's own unfused softmax (``softmax``).
+
+Probabilities are computed in blocks of images and query rows, in reusable scratch memory.
+
+:func:`iter_attention_blocks` yields ``softmax(q k^T * scale + bias)`` one block at a time, so the full ``(B, H, T, S)``
+probability tensor never exists at once: a block is a run of batch rows (images, or windows) and of query rows. By
+default a block holds every batch row and as many query rows as ``max_elements`` allows; with ``block_elements`` the
+batch rows are split too, into blocks small enough to stay in a CPU's cache while the caller reads them several times
+(softmax, statistics, values). With a :class:`Scratch` (slots of memory reused by every attention of a forward pass),
+every block is computed in place and nothing large is allocated per layer.
 """
 
 from __future__ import annotations
@@ -18,18 +24,35 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ..measuring.config import ATTENTION_TAPS
 from ..metrics.formulas import scalar_like, to_float
 
 __all__ = [
+    "ATTENTION_TAPS",
+    "AUTO_TAP",
     "CPU_BLOCK_ELEMENTS",
+    "AttentionOutput",
     "Scratch",
     "ScratchFn",
     "block_plan",
     "copy_to_scratch",
     "iter_attention_blocks",
-    "iter_attention_probs",
+    "measured_blocks",
     "reads_in_place",
+    "resolve_attention_tap",
 ]
+
+
+AUTO_TAP = {"cpu": "inline"}
+"""``auto`` per device type (default ``qk``): on CPU computing the attention once beats the fused kernel plus a second
+``q k^T`` (``benchmarks/bench_measure.py``); on GPUs the fused kernel is kept for the forward pass."""
+
+
+def resolve_attention_tap(tap: str, device: torch.device | str) -> str:
+    """The tap ``tap`` means on ``device``: ``auto`` becomes :data:`AUTO_TAP`'s entry, others stay as they are."""
+    if tap not in ATTENTION_TAPS:
+        raise ValueError(f"attention_tap must be one of {ATTENTION_TAPS}, got {tap!r}")
+    return AUTO_TAP.get(torch.device(device).type, "qk") if tap == "auto" else tap
 
 
 ScratchFn = Callable[[str, tuple[int, ...]], torch.Tensor]
@@ -221,27 +244,77 @@ def reads_in_place(q: torch.Tensor, *others: torch.Tensor | None, scratch: Scrat
     return q.device.type == "cpu" and all(t is None or t.dtype == dtype for t in (q, *others))
 
 
-def iter_attention_probs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scale: float,
-    query_start: int = 0,
-    bias: torch.Tensor | None = None,
-    max_elements: int = 1 << 24,
-    scratch: ScratchFn | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield softmax attention rows ``softmax(q k^T * scale + bias)`` for chunks of queries, in float32.
-
-    :func:`iter_attention_blocks` without ``block_elements``: every chunk holds all ``B`` batch rows and at most
-    about ``max_elements`` values; see there for the arguments.
-
-    Yields:
-        ``(B, H, c, S)`` probabilities for consecutive query chunks covering rows ``query_start..T-1``.
-    """
-    for _b0, _b1, _start, probs in iter_attention_blocks(q, k, scale, query_start, bias, max_elements, scratch):
-        yield probs
-
-
 def copy_to_scratch(scratch: ScratchFn, slot: str, x: torch.Tensor) -> torch.Tensor:
     """``x`` copied (contiguous, in the scratch memory's dtype) into the scratch memory ``slot``."""
     return scratch(slot, tuple(x.shape)).copy_(x)
+
+
+class AttentionOutput:
+    """The attention output ``softmax(q k^T * scale + bias) v`` of the ``inline`` tap, written block by block.
+
+    Every block of probabilities (prefix rows included) is applied to the values in the scratch memory, into one
+    output of float32 or wider (the reader casts it to the dtype SDPA would have returned), laid out token-major like
+    the output of SDPA's fused CPU kernel (``(B, T, H, dv)`` in memory, so the model's ``transpose(1, 2).reshape(B, T,
+    C)`` is free). The values are read where they lie when :func:`reads_in_place` allows, else copied to the scratch.
+
+    Args:
+        q: ``(B, H, T, dh)`` queries (for the output's shape, device and dtype).
+        v: ``(B, H, S, dv)`` values.
+        memory: the scratch memory.
+    """
+
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, memory: Scratch) -> None:
+        B, H, T = q.shape[:-1]
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        self.out = torch.empty(B, T, H, v.shape[-1], device=q.device, dtype=dtype).transpose(1, 2)
+        self.scratch = memory.bind(q.device, dtype)
+        self.in_place = reads_in_place(v, scratch=self.scratch)
+        self.values = v if self.in_place else copy_to_scratch(self.scratch, "v", v)
+        self._held: tuple[int, int, torch.Tensor] | None = None  # batch rows whose values are in the scratch memory
+
+    def _rows(self, b0: int, b1: int) -> torch.Tensor:
+        """Values of batch rows ``b0:b1``: contiguous, copied to the scratch memory once per run of blocks."""
+        if not self.in_place:
+            return self.values[b0:b1]
+        if self._held is None or self._held[:2] != (b0, b1):
+            self._held = (b0, b1, copy_to_scratch(self.scratch, "vb", self.values[b0:b1]))
+        return self._held[2]
+
+    def add(self, probs: torch.Tensor, b0: int, b1: int, start: int) -> None:
+        """Apply the probabilities ``(b1 - b0, H, c, S)`` of batch rows ``b0:b1``, query rows ``start:start + c``."""
+        _, H, T, dv = self.out.shape
+        stop = start + probs.shape[-2]
+        o = self.scratch("out", (b1 - b0, H, stop - start, dv))
+        if self.in_place and b1 - b0 == 1:  # straight from the model's (strided) values
+            torch.bmm(probs[0], self.values[b0], out=self.scratch("out", (H, stop - start, dv)))
+        else:  # one batched product for the block, from contiguous values
+            torch.matmul(probs, self._rows(b0, b1), out=o)
+        (self.out[b0:b1] if (start, stop) == (0, T) else self.out[b0:b1, :, start:stop]).copy_(o)
+
+
+def measured_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    skip: int,
+    first: int | None = None,
+    max_elements: int = 1 << 24,
+    block_elements: int | None = None,
+    output: AttentionOutput | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(b0, probs)`` blocks of :func:`iter_attention_blocks` past the first ``skip`` query rows (prefix rows).
+
+    The blocks start at query row ``first`` (default: ``skip``; 0 with ``output``, which needs the prefix rows too):
+    two layers of the same shapes and the same ``first`` are split alike, so consecutive-layer metrics can zip them.
+    With ``output`` (the ``inline`` tap) the blocks live in its scratch memory and each is first applied to the values
+    (:meth:`AttentionOutput.add`), so the caller runs the generator to its end even when it measures nothing.
+    """
+    if first is None:
+        first = skip if output is None else 0
+    scratch = None if output is None else output.scratch
+    for b0, b1, start, probs in iter_attention_blocks(q, k, scale, first, bias, max_elements, scratch, block_elements):
+        if output is not None:
+            output.add(probs, b0, b1, start)
+        if start + probs.shape[-2] > skip:
+            yield b0, probs if start >= skip else probs[:, :, skip - start :]

@@ -1,21 +1,33 @@
-"""The adapter registry's data: one :class:`~oversmooth_cli.adapters.FamilyAdapter` per supported timm family, and
-the reason each attention family the tool cannot measure is left out.
+"""The adapter registry's data: one :class:`~oversmooth_cli.reading.registry.FamilyAdapter` per supported timm
+family, and the reason each attention family the tool cannot measure is left out.
 
-Imported by :mod:`oversmooth_cli.adapters` (like timm's ``models/__init__``), which fills :data:`ADAPTERS` and
-:data:`UNSUPPORTED`. A new family is one more entry here; the small rule functions below say where a family's prefix
-tokens or stages are when a number or an attribute name cannot.
+Imported by :mod:`oversmooth_cli.reading` (like timm's ``models/__init__``), which fills :data:`ADAPTERS` and
+:data:`UNSUPPORTED` of :mod:`~oversmooth_cli.reading.registry`. A new family is one more entry here; the small rule
+functions below say where a family's prefix tokens or stages are when a number or an attribute name cannot; where
+its attention windows sit, the position rules, is in :mod:`oversmooth_cli.reading.window_rules`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from .geometry import WindowLayout, cell_centres, pool_cells, strided_cells, window_cells
 from .registry import UNSUPPORTED, FamilyAdapter, Group, register_adapter
+from .window_rules import (
+    block_windows,
+    gcvit_windows,
+    hiera_windows,
+    maxvit_windows,
+    mixed_heads,
+    mobilevit_windows,
+    msra_windows,
+    nest_windows,
+    sam2_windows,
+    swin_windows,
+    twins_windows,
+)
 
 __all__ = ["VIT_BLOCKS"]
 
@@ -30,7 +42,8 @@ _VIT_OTHER_BLOCKS = ("ParallelScalingBlock", "ParallelThingsBlock", "DiffParalle
 
 def _convit_prefix(model: nn.Module, name: str) -> int:
     """ConViT prepends its class token before block ``local_up_to_layer``."""
-    return int(int(name.split(".")[1]) >= model.local_up_to_layer and model.cls_token is not None)
+    convit: Any = model
+    return int(int(name.split(".")[1]) >= convit.local_up_to_layer and convit.cls_token is not None)
 
 
 def _crossvit_branch(model: nn.Module, name: str) -> int:
@@ -40,109 +53,13 @@ def _crossvit_branch(model: nn.Module, name: str) -> int:
 
 def _hiera_stage(model: nn.Module, name: str) -> int:
     """Hiera keeps its blocks flat; ``stage_ends`` holds the last block of each stage."""
-    return sum(int(name.split(".")[1]) > end for end in model.stage_ends)
+    ends: Any = model.stage_ends
+    return sum(int(name.split(".")[1]) > end for end in ends)
 
 
 def _encoder_prefix(model: nn.Module, name: str) -> int:
     """Prefix tokens of a vision tower that may sit under ``encoder`` in a classifier wrapper."""
     return int(getattr(getattr(model, "encoder", model), "num_prefix_tokens", 0) or 0)
-
-
-def _pair(size: Any) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-# -- position rules (Group.positions): which cells of the block's input grid each attention window holds ---------------
-def _swin_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout:
-    """Swin / SwinV2 / SwinV2-CR blocks: cyclic shift by ``-shift_size``, pad, ``window_size`` windows."""
-    block = model.get_submodule(name)
-    return WindowLayout(grid, window_cells(grid, _pair(block.window_size), _pair(block.shift_size)))
-
-
-def _block_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout | None:
-    """Blocks with a ``window_size`` (SAM, TinyViT, DaViT): pad, partition; ``0``: global attention (no windows)."""
-    size = _pair(model.get_submodule(name).window_size)
-    return WindowLayout(grid, window_cells(grid, size)) if all(size) else None
-
-
-def _twins_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout | None:
-    """Twins: locally-grouped attention (``attn.ws``) in windows; global sub-sampled attention over the image."""
-    ws = getattr(model.get_submodule(name).attn, "ws", None)
-    return WindowLayout(grid, window_cells(grid, (ws, ws))) if ws else None
-
-
-def _maxvit_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout | None:
-    """MaxViT: block attention (``window_partition``) or grid attention (``grid_partition``, dilated windows)."""
-    block = model.get_submodule(name)
-    if not hasattr(block, "partition_size"):  # CoAtNet / MaxViT transformer blocks attend over the whole map
-        return None
-    size = _pair(block.partition_size)
-    return WindowLayout(grid, window_cells(grid, size) if block.partition_block else strided_cells(grid, size))
-
-
-def _gcvit_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout:
-    """GCViT: windows; in global-query blocks every window's queries are the stage's global query tokens, a
-    ``window_size`` grid pooled from the whole feature map."""
-    block = model.get_submodule(name)
-    size = _pair(block.window_size)
-    queries = None
-    if block.attn.use_global:
-        queries = (cell_centres(size) * torch.tensor([grid[0] / size[0], grid[1] / size[1]])).reshape(1, -1, 2)
-    return WindowLayout(grid, window_cells(grid, size), queries)
-
-
-def _nest_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout:
-    """NesT: the level's input is already cut into ``block_size`` blocks, ``(B, blocks, N, C)``; the grid is the
-    level's feature map (blocks per side x block size)."""
-    level = model.get_submodule(name.split(".transformer_encoder")[0])
-    side = math.isqrt(level.pos_embed.shape[1]) * level.block_size
-    return WindowLayout((side, side), window_cells((side, side), _pair(level.block_size)))
-
-
-def _sam2_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout | None:
-    """SAM2 Hiera: windows; at a stage change the queries are max-pooled by ``q_stride`` inside each window."""
-    block = model.get_submodule(name)
-    if not block.is_windowed:
-        return None
-    size = _pair(block.window_size)
-    keys = window_cells(grid, size)
-    return WindowLayout(grid, keys, pool_cells(keys, size, _pair(block.q_stride)) if block.q_stride else None)
-
-
-def _mobilevit_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout:
-    """MobileViT: one sequence per pixel offset inside a ``patch_size`` patch, over the patches (a strided
-    partition whose windows are the offsets)."""
-    ph, pw = _pair(model.get_submodule(name.split(".transformer")[0]).patch_size)
-    return WindowLayout(grid, strided_cells(grid, (grid[0] // ph, grid[1] // pw)))
-
-
-def _hiera_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout:
-    """Hiera: tokens in the model's unrolled order (``model.unroll`` applied to the patch grid's cells), max-pooled
-    ``prod(q_stride)`` at a time at every stage change; mask-unit attention splits them into ``num_windows`` units
-    (token ``n`` in unit ``n % units``); pooled queries are the centre of the tokens they pool."""
-    attn = model.get_submodule(name).attn
-    patches = tuple(model.unroll.size)
-    cells = model.unroll(cell_centres(patches).reshape(1, -1, 2))
-    pool = math.prod(_pair(model.q_stride))
-    while cells.shape[1] > grid[0] * grid[1]:
-        cells = cells.view(1, pool, -1, 2).mean(dim=1)
-    n = cells.shape[1]
-    units = n // (attn.q_stride * attn.window_size) if attn.use_mask_unit_attn else 1
-    keys = cells.view(n // units, units, 2).transpose(0, 1)
-    queries = keys.reshape(units, attn.q_stride, -1, 2).mean(dim=1) if attn.q_stride > 1 else None
-    return WindowLayout(patches, keys, queries)
-
-
-def _mixed_heads(model: nn.Module, name: str, grid: tuple[int, int]) -> str:
-    """Talking-heads attention (CaiT, EfficientFormer-V2): the weights applied to the values mix the heads' softmax
-    maps with signed weights, so a row is no distribution over keys and has no mean distance."""
-    return "talking-heads weights (heads mixed after the softmax) are no distribution over keys: no mean distance"
-
-
-def _msra_windows(model: nn.Module, name: str, grid: tuple[int, int]) -> WindowLayout:
-    """EfficientViT-MSRA: local windows of the attention's ``resolution``, the map padded to whole windows."""
-    size = _pair(model.get_submodule(name).mixer.m.attn.resolution)
-    return WindowLayout(grid, window_cells(grid, size))
 
 
 def _second(value: Any) -> torch.Tensor:
@@ -159,7 +76,7 @@ for _adapter in (
                 "blocks.*",
                 attn_classes=("Attention",),
                 skip_classes=_VIT_OTHER_BLOCKS,
-                tap="qk_norm",
+                reader="qk_norm",
                 prefix="num_prefix_tokens",
             ),
             Group("blocks.*", attn="", block_classes=("ParallelScalingBlock",), prefix="num_prefix_tokens"),
@@ -209,7 +126,7 @@ for _adapter in (
     FamilyAdapter(
         "sam",
         ("vision_transformer_sam",),
-        (Group("blocks.*", layout="nhwc", positions=_block_windows),),
+        (Group("blocks.*", layout="nhwc", positions=block_windows),),
         notes="Windowed blocks: attention std over each window's keys, averaged over windows; global blocks: over "
         "all tokens. Decomposed relative position bias is part of the logits. Token metrics over all tokens.",
         patch_grid=True,
@@ -218,7 +135,7 @@ for _adapter in (
         "cait",
         ("cait",),
         (
-            Group("blocks.*", tap="attn_drop", positions=_mixed_heads),
+            Group("blocks.*", reader="attn_drop", positions=mixed_heads),
             Group("blocks_token_only.*", tokens=False, prefix=1, query_prefix=0, kind="class attention"),
         ),
         notes="Stage 0: self-attention blocks over the patch tokens (talking-heads attention: the weights applied "
@@ -241,8 +158,8 @@ for _adapter in (
         "swin",
         ("swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr"),
         (
-            Group("layers.*.blocks.*", layout="nhwc", positions=_swin_windows),
-            Group("stages.*.blocks.*", layout="nhwc", positions=_swin_windows),
+            Group("layers.*.blocks.*", layout="nhwc", positions=swin_windows),
+            Group("stages.*.blocks.*", layout="nhwc", positions=swin_windows),
         ),
         notes="Windowed (shifted) attention: std over each window's keys, averaged over windows. Token metrics over "
         "all tokens of the stage. A layer is a block; stages are separated by patch merging.",
@@ -256,13 +173,13 @@ for _adapter in (
     FamilyAdapter(
         "twins",
         ("twins",),
-        (Group("blocks.*.*", positions=_twins_windows),),
+        (Group("blocks.*.*", positions=twins_windows),),
         notes="Locally-grouped (windowed) and global sub-sampled attention alternate; windows averaged per image.",
     ),
     FamilyAdapter(
         "convit",
         ("convit",),
-        (Group("blocks.*", tap="attn_drop", prefix=_convit_prefix),),
+        (Group("blocks.*", reader="attn_drop", prefix=_convit_prefix),),
         notes="Gated positional self-attention (GPSA) blocks: the weights applied to the values, a gated mix of the "
         "content softmax and the positional softmax. The class token joins at the first MHSA block (prefix 1 from "
         "there on).",
@@ -321,7 +238,7 @@ for _adapter in (
     FamilyAdapter(
         "nest",
         ("nest",),
-        (Group("levels.*.transformer_encoder.*", layout="nhwc", heads_dim=1, positions=_nest_windows),),
+        (Group("levels.*.transformer_encoder.*", layout="nhwc", heads_dim=1, positions=nest_windows),),
         notes="Attention within each image block (window), averaged over blocks; token metrics over all tokens.",
     ),
     FamilyAdapter(
@@ -333,14 +250,14 @@ for _adapter in (
                 block_classes=("PartitionAttentionCl",),
                 layout="nhwc",
                 stage_wildcards=1,
-                positions=_maxvit_windows,
+                positions=maxvit_windows,
             ),
             Group(
                 "stages.*.blocks.*.*",
                 block_classes=("PartitionAttention2d",),
                 layout="nchw",
                 stage_wildcards=1,
-                positions=_maxvit_windows,
+                positions=maxvit_windows,
             ),
             Group("stages.*.blocks.*", block_classes=("TransformerBlock2d",), layout="nchw"),
         ),
@@ -357,7 +274,7 @@ for _adapter in (
                 attn_classes=("WindowAttention",),
                 layout="nchw",
                 stage_wildcards=1,
-                positions=_block_windows,
+                positions=block_windows,
             ),
         ),
         notes="Spatial (window) blocks: token metrics and attention averaged over windows. Channel blocks attend "
@@ -372,14 +289,14 @@ for _adapter in (
     FamilyAdapter(
         "hiera",
         ("hiera",),
-        (Group("blocks.*", heads_dim=1, stage=_hiera_stage, positions=_hiera_windows),),
+        (Group("blocks.*", heads_dim=1, stage=_hiera_stage, positions=hiera_windows),),
         notes="Mask-unit (windowed) attention in the early stages, averaged over units; global attention later. "
         "Stages from the model's stage ends.",
     ),
     FamilyAdapter(
         "gcvit",
         ("gcvit",),
-        (Group("stages.*.blocks.*", layout="nhwc", positions=_gcvit_windows),),
+        (Group("stages.*.blocks.*", layout="nhwc", positions=gcvit_windows),),
         notes="Local and global-query window attention alternate, averaged over windows.",
     ),
     FamilyAdapter(
@@ -422,7 +339,7 @@ for _adapter in (
     FamilyAdapter(
         "tiny_vit",
         ("tiny_vit",),
-        (Group("stages.*.blocks.*", block_classes=("TinyVitBlock",), layout="nhwc", positions=_block_windows),),
+        (Group("stages.*.blocks.*", block_classes=("TinyVitBlock",), layout="nhwc", positions=block_windows),),
         notes="Windowed attention with attention biases, averaged over windows; the conv stage is not a layer.",
     ),
     FamilyAdapter(
@@ -430,7 +347,7 @@ for _adapter in (
         ("mobilevit", "byoanet"),
         (
             Group(
-                "stages.*.*.transformer.*", attn_classes=("Attention",), stage_wildcards=1, positions=_mobilevit_windows
+                "stages.*.*.transformer.*", attn_classes=("Attention",), stage_wildcards=1, positions=mobilevit_windows
             ),
             Group(
                 "stages.*.*",
@@ -473,7 +390,7 @@ for _adapter in (
     FamilyAdapter(
         "hieradet_sam2",
         ("hieradet_sam2",),
-        (Group("blocks.*", layout="nhwc", stage=_hiera_stage, positions=_sam2_windows),),
+        (Group("blocks.*", layout="nhwc", stage=_hiera_stage, positions=sam2_windows),),
         notes="SAM2 Hiera: windowed attention averaged over windows, global blocks over all tokens; stages from the "
         "model's stage ends.",
     ),
@@ -485,9 +402,9 @@ for _adapter in (
                 "stages.*.blocks.*",
                 attn="token_mixer",
                 attn_classes=("Attention2d",),
-                tap="talking_head2",
+                reader="talking_head2",
                 layout="nchw",
-                positions=_mixed_heads,
+                positions=mixed_heads,
             ),
         ),
         notes="Talking-heads attention: the weights applied to the values (after the post-softmax head mixing). "
@@ -582,9 +499,9 @@ for _adapter in (
             Group(
                 "stages.*.blocks.*",
                 attn="mixer.m.attn",
-                tap="cascaded",
+                reader="cascaded",
                 layout="nchw",
-                positions=_msra_windows,
+                positions=msra_windows,
             ),
         ),
         notes="Cascaded group attention: each head attends on its own (its input is its channel split plus the "

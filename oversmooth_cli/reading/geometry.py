@@ -7,8 +7,8 @@ positions and query-key distances that position-based metrics (``attention_dista
 Attention whose keys are not the model's whole patch grid (windows, stages of hierarchical models, pooled keys) is
 placed by :class:`AttentionPositions`: every token of a ``(rows, cols)`` token grid sits at the centre of the image
 region its cell covers (the stage's stride is the input size over the grid), and a family's position rule
-(:attr:`~oversmooth_cli.adapters.Group.positions`) says which cells each attention window holds, in the order the model
-flattens them (:func:`window_cells`, :func:`strided_cells`, :func:`pool_cells`).
+(:attr:`~oversmooth_cli.reading.registry.Group.positions`) says which cells each attention window holds, in the order
+the model flattens them (:func:`window_cells`, :func:`strided_cells`, :func:`pool_cells`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
-
-from ..errors import UserError
 
 __all__ = [
     "AttentionPositions",
@@ -36,9 +34,9 @@ __all__ = [
     "infer_grid",
     "pairwise_distances",
     "patch_geometry",
-    "patch_grid",
     "patch_positions",
     "pool_cells",
+    "query_key_distances",
     "strided_cells",
     "window_cells",
 ]
@@ -98,7 +96,7 @@ def infer_grid(n_patches: int, grid: tuple[int, int]) -> tuple[int, int]:
 
 
 def patch_positions(
-    grid: tuple[int, int], patch: tuple[int, int], num_prefix: int = 0, device: torch.device | str = "cpu"
+    grid: tuple[int, int], patch: tuple[float, float], num_prefix: int = 0, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """Pixel coordinates ``(y, x)`` of every token's patch centre in the model input, row-major as timm flattens.
 
@@ -124,24 +122,6 @@ def pairwise_distances(query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.
     return (query_pos.unsqueeze(-2) - key_pos.unsqueeze(-3)).pow(2).sum(dim=-1).sqrt()
 
 
-def patch_grid(model: nn.Module, data_config: dict) -> tuple[tuple[int, int], int]:
-    """``((patch_h, patch_w), n_patches)`` of the model's patch embedding at the data config's input size (the grid
-    that patch CutMix and ``l_token`` work on).
-
-    Raises:
-        UserError: the model has no ``patch_embed.patch_size``, or the input size does not tile into whole patches.
-    """
-    pe = getattr(model, "patch_embed", None)
-    size = getattr(pe, "patch_size", None)
-    if size is None:
-        raise UserError(f"{type(model).__name__} has no patch_embed.patch_size; patch CutMix and --loss token need it")
-    ph, pw = (size, size) if isinstance(size, int) else tuple(size)
-    _, h, w = data_config["input_size"]
-    if h % ph or w % pw:
-        raise UserError(f"input size {h}x{w} does not tile into {ph}x{pw} patches; patch CutMix needs whole patches")
-    return (ph, pw), (h // ph) * (w // pw)
-
-
 class TokenPositions(NamedTuple):
     """Pixel positions ``(y, x)`` of one attention's queries ``(..., T, 2)`` and keys ``(..., S, 2)``.
 
@@ -155,6 +135,25 @@ class TokenPositions(NamedTuple):
     keys: torch.Tensor
     missing: str = ""
     row_scale: float = 1.0
+
+
+def query_key_distances(
+    positions: TokenPositions | None, start: int, rows: int, keys: int, batch: tuple[int, int] | None = None
+) -> torch.Tensor | str:
+    """Distances in pixels ``(..., 1, rows, keys)`` between the query rows ``start:start + rows`` and the keys of an
+    attention placed at ``positions`` (of the batch rows ``batch = (b0, n)``, when the positions are per batch row);
+    a string says why there are none."""
+    if positions is not None and positions.missing:
+        return positions.missing
+    if positions is None or positions.keys.shape[-2] != keys:
+        return "no patch positions for the attention keys of at least one layer"
+    queries, key_pos = positions.queries[..., start : start + rows, :], positions.keys
+    if batch is not None:  # per-batch-row positions (B, T, 2): the block's rows
+        queries, key_pos = (
+            p[batch[0] : sum(batch)] if p.dim() == 3 and p.shape[0] > 1 else p for p in (queries, key_pos)
+        )
+    d = pairwise_distances(queries, key_pos)
+    return d.unsqueeze(-3) if d.dim() == 3 else d
 
 
 @dataclass(frozen=True)
@@ -318,6 +317,7 @@ class AttentionPositions:
         self, spec: BlockSpec, grid: tuple[int, int] | None, rows: int, windows: int, queries: int, keys: int, device
     ) -> TokenPositions:
         image, prefix = self.image, spec.prefix
+        assert image is not None  # __call__ places nothing before the input size is known
         rule = spec.group.positions
         layout = rule(self.model, spec.name, grid) if rule is not None and grid is not None else None
         if isinstance(layout, str):
@@ -328,8 +328,8 @@ class AttentionPositions:
                     f"{spec.name} attends in {windows} windows per image and its family has no position rule"
                 )
             q = grid_positions(queries, prefix, image, device)
-            placed = bool(torch.isfinite(q[spec.query_prefix :]).all())
-            missing = "" if placed else f"the queries of {spec.name} are prefix (class) tokens, without a position"
+            all_placed = bool(torch.isfinite(q[spec.query_prefix :]).all())
+            missing = "" if all_placed else f"the queries of {spec.name} are prefix (class) tokens, without a position"
             return TokenPositions(q, grid_positions(keys, prefix, image, device), missing)
         q = layout.keys if layout.queries is None else layout.queries
         if layout.keys.shape[:2] != (windows, keys) or q.shape[-2] != queries or prefix:

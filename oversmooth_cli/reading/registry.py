@@ -5,12 +5,12 @@ A family (a module of ``timm.models``, where its architectures are registered) i
 (``type(model).__module__``, or a base class's). An adapter is data: a list of :class:`Group` entries, each a glob over
 the model's module names (``layers.*.blocks.*``) plus how to read those blocks' tokens and attention. Nothing else
 in the package branches on the model type. Families the tool cannot measure are listed in :data:`UNSUPPORTED`
-with the reason, which the error message repeats. The entries themselves live in :mod:`oversmooth_cli.families`.
+with the reason, which the error message repeats. The entries themselves live in :mod:`oversmooth_cli.reading.families`.
 
 A *layer* is one block, in execution order across stages. Its tokens are the block's output turned into
 ``(B, N, C)`` (``NHWC`` / ``NCHW`` maps are flattened), its leading ``prefix`` tokens (class, distillation,
 register tokens) excluded from the token metrics. Its attention is read from one *attention module* per block
-through an :class:`~oversmooth_cli.taps.AttentionTap` (see :mod:`oversmooth_cli.taps`).
+through an :class:`~oversmooth_cli.reading.readers.AttentionReader` (see :mod:`oversmooth_cli.reading.readers`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .geometry import PositionRule
-from .taps import TAPS, AttentionTap, UnsupportedModelError
+from .readers import READERS, AttentionReader, UnsupportedModelError
 
 __all__ = [
     "ADAPTERS",
@@ -63,7 +63,7 @@ class Group:
             attention, pooling) has no token attention. Empty: any class, and a missing ``attn`` is an error.
         block_classes: only modules of these class names are blocks (empty: every match of ``path``).
         skip_classes: modules of these class names are not blocks of this group.
-        tap: key of :data:`~oversmooth_cli.taps.TAPS`.
+        reader: key of :data:`~oversmooth_cli.reading.readers.READERS`: where these blocks' attention is read.
         tokens: token metrics at these blocks' outputs (``False`` for class-attention blocks that output only the
             class token).
         prefix: leading non-patch tokens of the outputs (see :data:`PrefixRule`).
@@ -78,8 +78,8 @@ class Group:
         pick: picks the tokens from a tuple output / the positional inputs (default: the first tensor).
         kind: what these blocks are, for the tables (``self-attention``, ``class attention``...).
         positions: where the attention's queries and keys sit, for position-based metrics
-            (:data:`~oversmooth_cli.geometry.PositionRule`): the windows a block attends in, or why its weights have
-            no positions; ``None``: queries and keys each cover the whole image (a full grid, or a pooled /
+            (:data:`~oversmooth_cli.reading.geometry.PositionRule`): the windows a block attends in, or why its
+            weights have no positions; ``None``: queries and keys each cover the whole image (a full grid, or a pooled /
             subsampled one).
     """
 
@@ -88,7 +88,7 @@ class Group:
     attn_classes: tuple[str, ...] = ()
     block_classes: tuple[str, ...] = ()
     skip_classes: tuple[str, ...] = ()
-    tap: str = "intercept"
+    reader: str = "intercept"
     tokens: bool = True
     prefix: PrefixRule = 0
     query_prefix: PrefixRule | None = None
@@ -114,9 +114,10 @@ class BlockSpec:
     query_prefix: int
 
     @property
-    def tap(self) -> AttentionTap:
-        """The tap that reads this block's attention (:data:`~oversmooth_cli.taps.TAPS` entry of its group)."""
-        return TAPS[self.group.tap]
+    def reader(self) -> AttentionReader:
+        """The reader of this block's attention (:data:`~oversmooth_cli.reading.readers.READERS` entry of its
+        group)."""
+        return READERS[self.group.reader]
 
 
 def _first_tensor(value: Any) -> torch.Tensor:
@@ -251,7 +252,8 @@ class FamilyAdapter:
         x = spec.group.pick(value) if spec.group.pick is not None else _first_tensor(value)
         if x.dim() != 4:
             return None
-        return tuple(x.shape[1:3]) if spec.group.layout == "nhwc" else tuple(x.shape[2:4])
+        rows, cols = x.shape[1:3] if spec.group.layout == "nhwc" else x.shape[2:4]
+        return int(rows), int(cols)
 
     def tokens(self, value: Any, spec: BlockSpec) -> torch.Tensor:
         """A block's output (or positional inputs) as ``(B, N, C)`` tokens, prefix tokens first."""

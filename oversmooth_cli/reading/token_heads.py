@@ -13,7 +13,7 @@ A family without an entry here is refused ``--loss token`` with a one-line reaso
 (``refuse``) or say that its tokens are not a row-major grid over the image (``not_grid``), which ``l_cons`` needs when
 it pools the first token layer onto the last one's grid.
 
-:data:`TOKEN_HEADS` is keyed by adapter name (:attr:`~oversmooth_cli.adapters.FamilyAdapter.name`); a key
+:data:`TOKEN_HEADS` is keyed by adapter name (:attr:`~oversmooth_cli.reading.registry.FamilyAdapter.name`); a key
 ``"<adapter>:<group path>"`` overrides it for the blocks of one group.
 """
 

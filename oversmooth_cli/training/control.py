@@ -29,12 +29,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import runtime
-from ..data import LabelledImages, build_transform, prepare_data
+from ..data import LabelledImages, Sample, build_transform, prepare_data
 from ..errors import UserError
 from ..io import atomic_write, read_layers, write_json
 from ..plots import plot_side_by_side, save_figure
 from ..reading.loading import load_model, load_state_dict_file
 from .config import FinetuneConfig
+from .evaluation import correct_per_image
+from .state import LAST_CHECKPOINT, STATE_FILE
 
 __all__ = [
     "CONTROL_DIR",
@@ -127,16 +129,13 @@ def _last_layer_cosine(layers: pd.DataFrame) -> tuple[float, float, float, int]:
     return float(row["mean"]), float(row["ci95_low"]), float(row["ci95_high"]), int(row["n_images"])
 
 
-@torch.inference_mode()
-def _correct(run: Path, samples: list, batch_size: int, device: torch.device) -> torch.Tensor:
+def _correct(run: Path, samples: list[Sample], batch_size: int, device: torch.device) -> torch.Tensor:
     """Whether the run's final weights (``checkpoint-last``) classify each validation image right, in order."""
     loaded = load_model(str(run))
     model = loaded.model
-    model.load_state_dict(load_state_dict_file(run / "checkpoint-last.safetensors"))
-    model.to(device).eval()
+    model.load_state_dict(load_state_dict_file(run / LAST_CHECKPOINT))
     loader = DataLoader(LabelledImages(samples, build_transform(loaded.data_config)), batch_size=batch_size)
-    hits = [model(x.to(device)).argmax(dim=-1).cpu() == y for x, y in loader]
-    return torch.cat(hits)
+    return correct_per_image(model.to(device), loader, device)
 
 
 def _verdict(treated: float, control: float, only_t: int, only_c: int, p: float, n: int) -> str:
@@ -221,7 +220,7 @@ def finetune_with_control(run: Callable[..., Any], arguments: dict[str, Any]) ->
     if treated.interrupted:
         return treated
     twin_out = out / CONTROL_DIR
-    resume_twin = bool(arguments.get("resume")) and (twin_out / "train_state.pt").is_file()
+    resume_twin = bool(arguments.get("resume")) and (twin_out / STATE_FILE).is_file()
     say(f"control arm: the --loss none twin (same seed, samples, augmentations, CutMix draws) into {twin_out}")
     twin = run(
         **{

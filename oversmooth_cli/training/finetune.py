@@ -22,7 +22,7 @@ import functools
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +35,18 @@ from ..data import LabelledImages, Sample, build_transform, ignore_sigint, prepa
 from ..errors import UserError
 from ..gate.compare import compare_runs
 from ..io import atomic_write, check_out_dir, read_layers
+from ..measuring.config import LoadOptions, MeasureConfig
 from ..measuring.monitor import OversmoothingMonitor
 from ..measuring.run import measure
 from ..measuring.summary import write_run
 from ..plots import plot_compare, plot_monitor_heatmap, plot_training, save_figure
 from ..reading.loading import LoadedModel, load_model, model_config
+from ..reading.readers import UnsupportedModelError
 from ..reading.registry import resolve_adapter
-from ..reading.taps import UnsupportedModelError
 from .config import FinetuneConfig, parse_losses, validate_config
 from .losses import PatchDiversificationLoss
-from .trainer import StepInfo, Trainer, check_same_run, load_train_state
+from .state import check_same_run, load_train_state
+from .trainer import StepInfo, Trainer
 
 __all__ = [
     "CONTROL_OUTPUT_NAMES",
@@ -53,6 +55,8 @@ __all__ = [
     "TENSORBOARD_OUTPUT_NAMES",
     "FinetuneConfig",
     "FinetuneResult",
+    "RunHooks",
+    "RunOptions",
     "finetune",
     "parse_losses",
 ]
@@ -87,6 +91,49 @@ MONITOR_IMAGES = 64
 """The monitor's probe: a seeded sample of at most this many validation images, fixed for the whole run."""
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a fine-tuning run is carried out and what it writes besides the model (the ``finetune`` command's options
+    that are not :class:`~.config.FinetuneConfig`'s).
+
+    Attributes:
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (under torchrun: this rank's CUDA device).
+        workers: DataLoader worker processes.
+        resume: continue the run saved in ``out`` (same options) from its last checkpoint.
+        overwrite: replace the outputs of an earlier run in a non-empty ``out``.
+        control: also train the ``--loss none`` twin (same seed, sample order, augmentations and CutMix draws) into
+            ``out/control`` and write the side-by-side (:func:`~.control.finetune_with_control`).
+        monitor_every: measure over-smoothing on up to :data:`MONITOR_IMAGES` validation images every this many
+            optimizer steps and at step 0, into ``monitor.csv`` and ``monitor.png`` (default: once per epoch; 0: off).
+        tensorboard: also write the monitor's scalars and heatmap as TensorBoard event files into ``out/tb``.
+    """
+
+    device: str = "auto"
+    workers: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    control: bool = False
+    monitor_every: int | None = None
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a fine-tuning run reports to its caller while it runs.
+
+    Attributes:
+        on_step: called after every optimizer step with the running loss terms.
+        on_epoch: called with each history row.
+        log: called with notes for the user (e.g. a classifier head reset).
+        command: the command line to record in ``before/`` and ``after/``.
+    """
+
+    on_step: Callable[[StepInfo], None] | None = None
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
+    log: Callable[[str], None] | None = None
+    command: str | None = None
+
+
 @dataclass
 class FinetuneResult:
     """A finished (or interrupted) run: the history, the before/after layer tables and where things went."""
@@ -109,34 +156,32 @@ def _run_record(
     model: str,
     train_dir: str | Path,
     val_dir: str | Path | None,
-    load_kwargs: dict[str, Any],
+    load: LoadOptions,
     cfg: FinetuneConfig,
 ) -> dict[str, Any]:
     """What made the run (saved in train_state.pt and config.json; ``--resume`` must match it)."""
     return {
         "model": model,
-        "arch": load_kwargs["arch"],
-        "pretrained": load_kwargs["pretrained"],
-        "model_args": dict(load_kwargs["model_args"] or {}),
+        "arch": load.arch,
+        "pretrained": load.pretrained,
+        "model_args": dict(load.model_args or {}),
         "train_dir": str(Path(train_dir).expanduser().resolve()),
         "val_dir": str(Path(val_dir).expanduser().resolve()) if val_dir is not None else None,
         "config": asdict(cfg),
     }
 
 
-def _build_model(
-    spec: str, num_classes: int, cfg: FinetuneConfig, load_kwargs: dict[str, Any]
-) -> tuple[LoadedModel, list[str]]:
+def _build_model(spec: str, num_classes: int, cfg: FinetuneConfig, load: LoadOptions) -> tuple[LoadedModel, list[str]]:
     """The model with ``cfg.drop_path`` and a ``num_classes`` head (notes say when the head was reset)."""
-    load_kwargs = dict(load_kwargs)
-    args = dict(load_kwargs.pop("model_args", None) or {})
+    load_kwargs = load.load_kwargs()
+    args = load_kwargs.pop("model_args")
     if cfg.drop_path > 0:
         args["drop_path_rate"] = cfg.drop_path
     loaded = load_model(spec, model_args=args, **load_kwargs)
     notes = []
     current = getattr(loaded.model, "num_classes", None)
     if current != num_classes:
-        loaded.model.reset_classifier(num_classes)
+        loaded.model.reset_classifier(num_classes)  # type: ignore[operator]  # timm classifiers have it
         notes.append(f"classifier head reset to {num_classes} classes (the model had {current})")
     return loaded, notes
 
@@ -255,6 +300,41 @@ def _write_monitor(out: Path, monitor: OversmoothingMonitor | None, title: str) 
     save_figure(plot_monitor_heatmap(history, title=title), out / "monitor.png")
 
 
+def _with_control(
+    model: str,
+    train_dir: str | Path,
+    out: str | Path,
+    cfg: FinetuneConfig,
+    val_dir: str | Path | None,
+    load: LoadOptions,
+    run: RunOptions,
+    hooks: RunHooks,
+) -> FinetuneResult:
+    """A ``run.control`` run: :func:`~.control.finetune_with_control` with the arguments it reads and changes
+    (``out``, ``config``, ``resume``, ``overwrite``, ``control``) as flat keywords, each arm a :func:`finetune`."""
+    from .control import finetune_with_control
+
+    def arm(**a: Any) -> FinetuneResult:
+        options = replace(a["run"], resume=a["resume"], overwrite=a["overwrite"], control=a["control"])
+        return finetune(
+            a["model"],
+            a["train_dir"],
+            a["out"],
+            a["config"],
+            val_dir=a["val_dir"],
+            load=a["load"],
+            run=options,
+            hooks=a["hooks"],
+        )
+
+    arguments = {
+        **{"model": model, "train_dir": train_dir, "out": out, "config": cfg, "val_dir": val_dir},
+        **{"load": load, "run": run, "hooks": hooks, "device": run.device, "log": hooks.log},
+        **{"resume": run.resume, "overwrite": run.overwrite, "control": run.control},
+    }
+    return finetune_with_control(arm, arguments)
+
+
 # -- the command ---------------------------------------------------------------------------------------------------
 def _fit(
     trainer: Trainer,
@@ -303,64 +383,43 @@ def finetune(
     config: FinetuneConfig | None = None,
     *,
     val_dir: str | Path | None = None,
-    arch: str | None = None,
-    pretrained: bool = False,
-    model_args: dict[str, Any] | None = None,
-    strict_load: bool = True,
-    trust_checkpoint: bool = False,
-    device: str = "auto",
-    workers: int = 0,
-    resume: bool = False,
-    overwrite: bool = False,
-    on_step: Callable[[StepInfo], None] | None = None,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    log: Callable[[str], None] | None = None,
-    command: str | None = None,
-    control: bool = False,
-    monitor_every: int | None = None,
-    tensorboard: bool = False,
+    load: LoadOptions | None = None,
+    run: RunOptions | None = None,
+    hooks: RunHooks | None = None,
 ) -> FinetuneResult:
     """Fine-tune a timm ViT with cross-entropy plus the patch-diversification losses and measure it before and after.
 
     Args:
         model: timm model name, checkpoint file or folder (as for ``measure``).
         train_dir: ImageFolder root ``train_dir/<class>/<image>``; classes sorted by name.
-        out: run folder (with ``resume``: the folder of the run to continue).
-        config: training options (see :class:`~.finetune_config.FinetuneConfig`).
+        out: run folder (with ``run.resume``: the folder of the run to continue).
+        config: training options (see :class:`~.config.FinetuneConfig`).
         val_dir: validation ImageFolder with the same classes; without it ``config.val_split`` is held out.
-        arch, pretrained, model_args, strict_load, trust_checkpoint: see :func:`~oversmooth_cli.models.load_model`.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (under torchrun: this rank's CUDA device).
-        workers: DataLoader worker processes.
-        resume: continue the run saved in ``out`` (same options) from its last checkpoint.
-        overwrite: replace the outputs of an earlier run in a non-empty ``out``.
-        on_step: called after every optimizer step with the running loss terms.
-        on_epoch: called with each history row.
-        log: called with notes for the user (e.g. a classifier head reset).
-        command: the command line to record in ``before/`` and ``after/``.
-        control: also train the ``--loss none`` twin (same seed, sample order, augmentations and CutMix draws) into
-            ``out/control`` and write the side-by-side (:func:`~.control.finetune_with_control`).
-        monitor_every: measure over-smoothing on up to :data:`MONITOR_IMAGES` validation images every this many
-            optimizer steps and at step 0, into ``monitor.csv`` and ``monitor.png`` (default: once per epoch; 0: off).
-        tensorboard: also write the monitor's scalars and heatmap as TensorBoard event files into ``out/tb``.
+        load: how ``model`` is built (:class:`~oversmooth_cli.measuring.config.LoadOptions`).
+        run: device, workers, resume / overwrite, the control twin, the monitor and TensorBoard (:class:`RunOptions`).
+        hooks: progress callbacks, user notes and the command line to record (:class:`RunHooks`).
 
     Returns:
         A :class:`FinetuneResult` (``interrupted`` when Ctrl-C stopped it after saving a resumable checkpoint); with
-        ``control``, the twin's result and the comparison are in ``control`` and ``comparison``.
+        ``run.control``, the twin's result and the comparison are in ``control`` and ``comparison``.
+
+    Example:
+        >>> finetune("examples/digits-vit", "data/train", "runs/ft", FinetuneConfig(epochs=3))
     """
-    arguments = dict(locals())  # every argument, for the two arms of a control run
+    load, run, hooks = load or LoadOptions(), run or RunOptions(), hooks or RunHooks()
     cfg = validate_config(config or FinetuneConfig(), needs_val_split=val_dir is None)
+    monitor_every, workers = run.monitor_every, run.workers
     if monitor_every is not None and monitor_every < 0:
         raise UserError(f"--monitor-every must be at least 0 (0: off), got {monitor_every}")
-    tensorboard_writer = _tensorboard_writer_class() if tensorboard and monitor_every != 0 else None
-    if control:
-        from .control import finetune_with_control
-
-        return finetune_with_control(finetune, {**arguments, "config": cfg})
+    tensorboard_writer = _tensorboard_writer_class() if run.tensorboard and monitor_every != 0 else None
+    if run.control:
+        return _with_control(model, train_dir, out, cfg, val_dir, load, run, hooks)
+    on_step, on_epoch, log, command = hooks.on_step, hooks.on_epoch, hooks.log, hooks.command
+    device, resume, overwrite = run.device, run.resume, run.overwrite
     say = log or (lambda _msg: None)
     dev, out = runtime.setup_device(device), Path(out)
     classes, train_samples, val_samples = prepare_data(train_dir, val_dir, cfg.val_split, cfg.seed)
-    load_kwargs = {"arch": arch, "pretrained": pretrained, "model_args": model_args}
-    run_record = _run_record(model, train_dir, val_dir, load_kwargs, cfg)
+    run_record = _run_record(model, train_dir, val_dir, load, cfg)
     state = load_train_state(out) if resume else None
     if state is not None:
         check_same_run(state["run"], run_record, out)
@@ -368,8 +427,7 @@ def finetune(
         check_out_dir(out, overwrite, hint=f"pass --overwrite, --resume {out}, or another --out")
 
     runtime.seed_everything(cfg.seed)
-    load_kwargs.update(strict=strict_load, trust_checkpoint=trust_checkpoint)
-    loaded, notes = _build_model(model, len(classes), cfg, load_kwargs)
+    loaded, notes = _build_model(model, len(classes), cfg, load)
     for note in notes:
         say(note)
     net = loaded.model.to(dev)
@@ -398,10 +456,8 @@ def finetune(
             say(note)
         before_layers = read_layers(out / "before") if (out / "before").is_dir() else None
     val_paths = [p for p, _ in val_samples]
-    batch_size, amp = cfg.batch_size, cfg.amp
-    run_measure = functools.partial(
-        measure, loaded, val_paths, device=str(dev), batch_size=batch_size, workers=workers, amp=amp, command=command
-    )
+    measure_config = MeasureConfig(device=str(dev), batch_size=cfg.batch_size, workers=workers, amp=cfg.amp)
+    run_measure = functools.partial(measure, loaded, val_paths, measure_config, command=command)
     if before_layers is None:
         before_layers = _measure_into(run_measure, out / "before")
 

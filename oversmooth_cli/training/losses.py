@@ -5,13 +5,13 @@ autograd can differentiate. ``h`` is the last token layer's patch tokens, ``e`` 
 is a block whose output has token metrics in ``measure``; both are read by the same extraction):
 
 * :func:`l_cos`: mean pairwise cosine of ``h``. It *is* the ``token_cosine`` metric
-  (:func:`oversmooth_cli.metrics.token_cosine`), averaged over images: one implementation for both.
+  (:func:`oversmooth_cli.metrics.formulas.token_cosine`), averaged over images: one implementation for both.
 * :func:`l_cons`: patch-wise contrastive loss pulling each deep token ``h_i`` toward the shallow token ``e_i``
   of the same image region and away from the image's mean deep token. When the grids differ (hierarchical models)
   ``e`` is area-pooled onto ``h``'s grid and zero-padded to its width (:class:`TokenPlan`).
 * :func:`l_token`: every position of ``h`` goes through the model's own tail (final norm...) and classifier
-  (:func:`token_head_logits`, per family: :mod:`oversmooth_cli.token_heads`) and is scored against a soft per-token
-  target (:func:`patch_cutmix`, snapped to ``h``'s grid).
+  (:func:`token_head_logits`, per family: :mod:`oversmooth_cli.reading.token_heads`) and is scored against a soft
+  per-token target (:func:`patch_cutmix`, snapped to ``h``'s grid).
 
 :data:`LOSS_TERMS` registers the three terms by the names ``--loss`` accepts. :class:`PatchDiversificationLoss`
 adds the chosen terms to any training loop: it reads the tokens from the model's normal forward pass; given the input
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,13 @@ class TermInputs:
     cons_grad_first: bool = False
 
 
+def _needed(value: torch.Tensor | None, name: str) -> torch.Tensor:
+    """``value``, which the ``token`` term cannot do without."""
+    if value is None:
+        raise ValueError(f"the token term needs {name} (per-token logits and per-patch targets of every image)")
+    return value
+
+
 @dataclass(frozen=True)
 class LossTerm:
     """One ``--loss`` term: its function of :class:`TermInputs` and its formula (for the reader)."""
@@ -145,7 +153,7 @@ LOSS_TERMS: dict[str, LossTerm] = {
     ),
     "token": LossTerm(
         "token",
-        lambda t: l_token(t.token_logits, t.patch_targets),
+        lambda t: l_token(_needed(t.token_logits, "token_logits"), _needed(t.patch_targets, "patch_targets")),
         "1/n sum_i CE(head(norm(h_i)), y_i) with soft per-patch targets, mean over images",
     ),
 }
@@ -156,9 +164,9 @@ class PatchDiversificationLoss(nn.Module):
     """The weighted patch-diversification terms of a model's own forward pass, ``sum_t w_t * l_t``.
 
     The first and the last token layer's patch tokens (``e`` and ``h``, see :class:`TokenPlan`) are read while the
-    forward pass that is wrapped runs (:func:`~oversmooth_cli.capture.block_tokens`, the token path of ``measure``),
-    so no second forward is needed; ``l_token`` runs ``h`` through the model's own tail and head inside that pass
-    (and its autocast), and every term is then computed in float32 or wider outside autocast. Example::
+    forward pass that is wrapped runs (:func:`~oversmooth_cli.reading.capture.block_tokens`, the token path of
+    ``measure``), so no second forward is needed; ``l_token`` runs ``h`` through the model's own tail and head inside
+    that pass (and its autocast), and every term is then computed in float32 or wider outside autocast. Example::
 
         criterion = PatchDiversificationLoss(model, ("cos", "cons"), {"cos": 0.5, "cons": 0.5}, input_size=(3, 32, 32))
         logits, diversity, terms = criterion(lambda: model(images))
@@ -167,7 +175,7 @@ class PatchDiversificationLoss(nn.Module):
     Args:
         model: the (unwrapped) timm model whose blocks are read; its forward may run through a wrapper (DDP).
         terms: names from :data:`LOSS_TERMS` (empty: no term, the weighted sum is 0).
-        weights: weight per term (default: :class:`~oversmooth_cli.finetune_config.FinetuneConfig`'s).
+        weights: weight per term (default: :class:`~oversmooth_cli.training.config.FinetuneConfig`'s).
         cons_sim: similarity of ``l_cons`` (:data:`SIMILARITIES`).
         cons_grad_first: let ``l_cons`` pass gradient into the first block's tokens too.
         adapter: the model's family adapter (default: resolved from the model).
@@ -178,6 +186,8 @@ class PatchDiversificationLoss(nn.Module):
     Raises:
         UserError: a term this model cannot run: one line naming the family, the term and why.
     """
+
+    model: nn.Module  # read, not owned (set in __init__ outside the submodules)
 
     def __init__(
         self,
@@ -231,4 +241,5 @@ class PatchDiversificationLoss(nn.Module):
         inputs = TermInputs(h, e, token_logits, patch_targets, self.cons_sim, self.cons_grad_first)
         with torch.autocast(h.device.type, enabled=False):
             values = {name: LOSS_TERMS[name].fn(inputs) for name in self.terms}
-        return output, sum(self.weights[n] * values[n] for n in self.terms), values
+        total = sum(self.weights[n] * values[n] for n in self.terms)  # a tensor: there is at least one term
+        return output, cast(torch.Tensor, total), values

@@ -6,17 +6,17 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..reading.capture import block_tokens
 from ..reading.geometry import area_pool, infer_grid
+from ..reading.readers import UnsupportedModelError
 from ..reading.registry import FamilyAdapter, model_family, resolve_adapter
-from ..reading.taps import UnsupportedModelError
 from ..reading.token_heads import TokenHead, token_head_for
 
 __all__ = ["TokenPlan", "plan_tokens", "token_head_logits"]
@@ -29,6 +29,11 @@ def _module(model: nn.Module, entry: str | Callable[[nn.Module, str], str], bloc
         return model.get_submodule(path)
     except AttributeError:
         return None
+
+
+def _forward_head(model: nn.Module) -> Callable[..., Any]:
+    """The model's ``forward_head`` (pooling and classifier of timm models)."""
+    return cast("Callable[..., Any]", model.forward_head)
 
 
 def _to_layout(tokens: torch.Tensor, layout: str, grid: tuple[int, int]) -> torch.Tensor:
@@ -55,12 +60,13 @@ def token_head_logits(
     """Classifier logits of every token through the model's own tail (final norm...) and head, without pooling.
 
     The tail runs on the whole token map; then ``forward_head`` scores each position fed as a map of copies of that
-    one token (see :mod:`oversmooth_cli.token_heads`), or the entry's ``classifier`` modules score it.
+    one token (see :mod:`oversmooth_cli.reading.token_heads`), or the entry's ``classifier`` modules score it.
 
     Args:
         model: the (unwrapped) timm model.
         tokens: ``(B, n, d)`` last token layer's tokens (before the final norm), row-major over ``grid``.
-        head: the family's entry (default: :data:`~oversmooth_cli.token_heads.TOKEN_HEADS` of the model's adapter).
+        head: the family's entry (default: :data:`~oversmooth_cli.reading.token_heads.TOKEN_HEADS` of the model's
+            adapter).
         grid: ``(rows, cols)`` of the tokens (needed by ``nhwc`` / ``nchw`` tails; default: the square-most grid).
         block: name of the last token block (for entries that name a module of its stage).
 
@@ -87,15 +93,15 @@ def token_head_logits(
     x = x.reshape(b * n, x.shape[-1])
     if head.classifier:
         for entry in head.classifier:
-            module = _module(model, entry, block)
-            if module is not None:
-                x = module(x)
+            layer = _module(model, entry, block)
+            if layer is not None:
+                x = layer(x)
     elif head.head_input == "map":
         nhwc = str(getattr(model, "output_fmt", "NCHW")).upper() == "NHWC"
-        x = model.forward_head(x[:, None, None, :] if nhwc else x[:, :, None, None])
+        x = _forward_head(model)(x[:, None, None, :] if nhwc else x[:, :, None, None])
     else:  # enough copies that class-token, prefix-skipping average and distillation pools all see the token
         copies = max(2, 1 + int(getattr(model, "num_prefix_tokens", 0) or 0))
-        x = model.forward_head(x[:, None, :].expand(-1, copies, -1))
+        x = _forward_head(model)(x[:, None, :].expand(-1, copies, -1))
     if isinstance(x, (tuple, list)):  # distillation heads in distilled training: the average, as at inference
         x = sum(x) / len(x)
     return x.reshape(b, n, -1)
@@ -108,9 +114,10 @@ class TokenPlan:
 
     ``h`` is the last token layer's patch tokens, ``e`` the first token layer's (prefix tokens excluded; a token layer
     is a block whose output has token metrics, as in ``measure``). When their grids differ (hierarchical models),
-    ``l_cons`` compares ``h`` with ``e`` area-pooled onto ``h``'s grid (:func:`~oversmooth_cli.geometry.area_pool`),
-    so both sides describe the same image region, and ``e`` is zero-padded to ``h``'s width when it is narrower (an
-    isometry: the cosines among ``e``'s tokens are unchanged). Patch CutMix snaps to ``h``'s grid.
+    ``l_cons`` compares ``h`` with ``e`` area-pooled onto ``h``'s grid
+    (:func:`~oversmooth_cli.reading.geometry.area_pool`), so both sides describe the same image region, and ``e`` is
+    zero-padded to ``h``'s width when it is narrower (an isometry: the cosines among ``e``'s tokens are unchanged).
+    Patch CutMix snaps to ``h``'s grid.
 
     Attributes:
         family: timm family of the model (the module of its class).
@@ -119,7 +126,7 @@ class TokenPlan:
         e_shape, h_shape: ``(tokens, width)`` per image of ``e`` and ``h``.
         e_grid, h_grid: ``(rows, cols)`` behind those counts, shaped like the image.
         image: ``(height, width)`` of the input in pixels.
-        head: the family's :class:`~oversmooth_cli.token_heads.TokenHead` (``None``: not registered).
+        head: the family's :class:`~oversmooth_cli.reading.token_heads.TokenHead` (``None``: not registered).
         head_error: why the per-token head could not score the probe's tokens ("" when it could).
     """
 
@@ -251,8 +258,7 @@ def plan_tokens(
                 if scored.shape[:2] != h.shape[:2] or scored.shape[-1] != classes:
                     raise UnsupportedModelError(f"it gives {tuple(scored.shape)} scores, expected {classes} per token")
             except Exception as err:  # any failure of the model's own modules is a refusal, said in one line
-                message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                plan = dataclasses.replace(plan, head_error=message)
+                plan = dataclasses.replace(plan, head_error=first_line(err))
     finally:
         model.train(training)
     return plan

@@ -303,8 +303,8 @@ def test_image_list_naming_missing_or_odd_paths(case, tiny_folder, tmp_path):
     assert summary["images"]["measured"] == 1 and skipped == ("among-good" in case)
     if skipped:
         strict_out = tmp_path / "strict"
-        assert "(drop --strict" in assert_one_line_exit_2(
-            measure(tiny_folder, listing, strict_out, "--strict"), strict_out
+        assert "(drop --fail-on-unreadable" in assert_one_line_exit_2(
+            measure(tiny_folder, listing, strict_out, "--fail-on-unreadable"), strict_out
         )
 
 
@@ -384,8 +384,10 @@ def test_unreadable_image_is_fatal_with_strict_or_alone(name, tiny_folder, tmp_p
     (images / name).write_bytes(UNREADABLE_IMAGES[name]())
     shutil.copy(PHOTOS["chelsea.png"], images / "z-good.png")  # read after the bad one
     out = tmp_path / "out"
-    line = assert_one_line_exit_2(measure(tiny_folder, images, out, "--strict", "--batch-size", 1), out)
-    assert f"cannot read image {images / name}" in line and "(drop --strict to skip unreadable files)" in line
+    line = assert_one_line_exit_2(measure(tiny_folder, images, out, "--fail-on-unreadable", "--batch-size", 1), out)
+    assert (
+        f"cannot read image {images / name}" in line and "(drop --fail-on-unreadable to skip unreadable files)" in line
+    )
     line = assert_one_line_exit_2(measure(tiny_folder, images / name, out), out)
     assert "none of the 1 images could be read" in line
 
@@ -396,7 +398,7 @@ def test_odd_but_valid_images_are_measured(tiny_folder, tmp_path):
     images.mkdir()
     for name, make in READABLE_IMAGES.items():
         (images / name).write_bytes(make())
-    res = measure(tiny_folder, images, tmp_path / "out", "-q", "--strict")
+    res = measure(tiny_folder, images, tmp_path / "out", "-q", "--fail-on-unreadable")
     assert res.exit_code == 0 and not res.stderr.strip(), res.output
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["images"]["measured"] == len(READABLE_IMAGES) and summary["images"]["skipped"] == 0

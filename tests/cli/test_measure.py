@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from oversmooth_cli.io import HEAD_COLUMNS, LAYER_COLUMNS
+from oversmooth_cli.measuring.config import MeasureConfig
 from oversmooth_cli.measuring.run import measure
 from oversmooth_cli.metrics.accumulate import RunningMoments
 
@@ -100,9 +101,9 @@ def test_unreadable_file_is_skipped_listed_or_fatal_with_strict(tiny_folder, few
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["images"]["skipped"] == 1 and summary["images"]["measured"] == 5
     assert summary["images"]["skipped_files"][0]["path"].endswith("broken.jpg")
-    res = invoke("measure", tiny_folder, few_images, "--out", tmp_path / "strict", "--strict", "-q")
+    res = invoke("measure", tiny_folder, few_images, "--out", tmp_path / "strict", "--fail-on-unreadable", "-q")
     assert res.exit_code == 2
-    assert "broken.jpg" in res.stderr and "--strict" in res.stderr and "Traceback" not in res.output
+    assert "broken.jpg" in res.stderr and "--fail-on-unreadable" in res.stderr and "Traceback" not in res.output
     assert not (tmp_path / "strict").exists(), "nothing half-written after a failure"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".strict")], "no temp folder left"
 
@@ -156,11 +157,34 @@ def test_bad_input_exits_2_with_one_line(make_args, message, tiny_folder, few_im
 
 def test_no_strict_loads_and_lists_misfits(tiny_folder, few_images, tmp_path):
     res = invoke(
-        "measure", tiny_folder, few_images, "--out", tmp_path / "ns", "--no-strict", "-q", "--model-arg", "depth=4"
+        "measure", tiny_folder, few_images, "--out", tmp_path / "ns", "--allow-key-mismatch", "-q", "--model-arg",
+        "depth=4",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    load = json.loads((tmp_path / "ns" / "summary.json").read_text())["model"]["load"]
+    assert "blocks.3.attn.qkv.weight" in load["missing_keys"]
+
+
+def test_old_spelling_no_strict_still_allows_a_key_mismatch(tiny_folder, few_images, tmp_path):
+    """``--no-strict`` (before ``--allow-key-mismatch``) still works, hidden from --help."""
+    res = invoke(
+        "measure", tiny_folder, few_images, "--out", tmp_path / "ns", "-q", "--no-strict", "--model-arg", "depth=4"
     )
     assert res.exit_code == 0, res.output
     load = json.loads((tmp_path / "ns" / "summary.json").read_text())["model"]["load"]
     assert "blocks.3.attn.qkv.weight" in load["missing_keys"]
+    res = invoke("measure", tiny_folder, few_images, "--out", tmp_path / "s", "-q", "--model-arg", "depth=4")
+    assert res.exit_code == 2 and "--allow-key-mismatch" in res.stderr
+    assert "--no-strict" not in invoke("measure", "--help").output
+
+
+def test_old_spelling_strict_still_fails_on_an_unreadable_image(tiny_folder, few_images, tmp_path):
+    """``--strict`` (before ``--fail-on-unreadable``) still works, hidden from --help."""
+    (few_images / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    res = invoke("measure", tiny_folder, few_images, "--out", tmp_path / "strict", "--strict", "-q")
+    assert res.exit_code == 2 and "broken.jpg" in res.stderr and "--fail-on-unreadable" in res.stderr
+    assert not (tmp_path / "strict").exists()
+    assert "--strict" not in invoke("measure", "--help").output
 
 
 def test_pickled_model_needs_trust(tiny_model, few_images, tmp_path):
@@ -176,8 +200,8 @@ def test_streaming_keeps_constant_state(tiny_folder, few_images, tmp_path):
     listing = tmp_path / "many.txt"
     paths = sorted(p for p in few_images.rglob("*.*"))
     listing.write_text("\n".join(str(paths[i % len(paths)]) for i in range(60)))
-    streamed = measure(str(tiny_folder), listing, batch_size=4, device="cpu")
-    one = measure(str(tiny_folder), listing, batch_size=60, device="cpu")
+    streamed = measure(str(tiny_folder), listing, MeasureConfig(batch_size=4, device="cpu"))
+    one = measure(str(tiny_folder), listing, MeasureConfig(batch_size=60, device="cpu"))
     acc = streamed.accumulator
     assert acc.n_images == 60
     states = list(acc.layers.values()) + list(acc.heads.values())
@@ -241,3 +265,13 @@ def test_worker_traceback_is_reduced_to_its_message():
     )
     assert one_line(wrapped) == "cannot read image a.png: OSError: broken"
     assert one_line("plain\nmessage") == "plain message"
+
+
+def test_choices_the_command_line_shows_are_the_librarys():
+    """``--attention-tap`` and ``--direction`` offer exactly the values the library accepts, in its order."""
+    from oversmooth_cli.gate.selection import DIRECTIONS
+    from oversmooth_cli.measuring.config import ATTENTION_TAPS
+
+    for command, flag, values in (("measure", "--attention-tap", ATTENTION_TAPS), ("check", "--direction", DIRECTIONS)):
+        help_text = " ".join(invoke(command, "--help", env={"COLUMNS": "200"}).output.split())
+        assert f"{flag} [{'|'.join(values)}]" in help_text or f"{flag} <{'|'.join(values)}>" in help_text

@@ -19,11 +19,11 @@ import torch
 from oversmooth_cli.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, UserError
 from oversmooth_cli.gate.baseline import make_baseline
 from oversmooth_cli.gate.check import check_runs
-from oversmooth_cli.gate.layers import format_layers, parse_layers
 from oversmooth_cli.gate.reports import write_junit, write_markdown
 from oversmooth_cli.gate.runs import load_run
+from oversmooth_cli.gate.selection import format_layers, parse_layers
 from oversmooth_cli.gate.tolerances import Tolerance, tolerance_from_options
-from oversmooth_cli.measuring.run import measure
+from oversmooth_cli.measuring.run import MeasureConfig, measure
 from oversmooth_cli.measuring.summary import write_run
 from oversmooth_cli.metrics import formulas, registry
 from oversmooth_cli.reading.loading import load_model
@@ -86,7 +86,7 @@ def runs(tmp_path_factory) -> Runs:
     ckpt_2 = save_checkpoint(root / "ckpt_2", seed=0, depth=2)
 
     def run(ckpt: Path, name: str) -> Path:
-        return write_run(measure(str(ckpt), images, device="cpu"), root / name)
+        return write_run(measure(str(ckpt), images, MeasureConfig(device="cpu")), root / name)
 
     run_a = run(ckpt_a, "run_a")
 

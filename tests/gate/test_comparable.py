@@ -20,7 +20,7 @@ from oversmooth_cli.gate.check import check_runs
 from oversmooth_cli.gate.compare import compare_runs
 from oversmooth_cli.gate.runs import load_run
 from oversmooth_cli.gate.tolerances import Tolerance, parse_tolerances, tolerance_from_options
-from oversmooth_cli.measuring.run import measure
+from oversmooth_cli.measuring.run import MeasureConfig, measure
 from oversmooth_cli.measuring.summary import describe_image_set, write_run
 from oversmooth_cli.metrics import registry
 from oversmooth_cli.reading.loading import load_model
@@ -63,7 +63,7 @@ def runs(tmp_path_factory) -> Runs:
     ckpt = save_checkpoint_folder(tiny().model, root / "ckpt")
 
     def run(name: str, model, imgs=images, **kw) -> Path:
-        return write_run(measure(model, imgs, device="cpu", **kw), root / name)
+        return write_run(measure(model, imgs, MeasureConfig(device="cpu", **kw)), root / name)
 
     deep = tiny(DEPTH12)
     return Runs(
@@ -139,7 +139,8 @@ def test_measuring_a_folder_or_a_list_of_it_records_the_same_image_set(runs, tmp
     listed = tmp_path / "list.txt"
     listed.write_text("\n".join(f"photos/{n}" for n in reversed(PHOTO_NAMES)) + "\n")
     model = load_model(str(runs.ckpt))
-    sets = [measure(model, src, device="cpu").summary["definitions"]["images"] for src in (folder, listed)]
+    cpu = MeasureConfig(device="cpu")
+    sets = [measure(model, src, cpu).summary["definitions"]["images"] for src in (folder, listed)]
     assert sets[0]["sha256"] == sets[1]["sha256"] and sets[0]["count"] == 4
 
 

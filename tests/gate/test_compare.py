@@ -14,7 +14,7 @@ from PIL import Image
 from oversmooth_cli.errors import EXIT_BAD_INPUT, UserError
 from oversmooth_cli.gate.compare import compare_runs, default_labels
 from oversmooth_cli.gate.runs import load_run
-from oversmooth_cli.measuring.run import measure
+from oversmooth_cli.measuring.run import MeasureConfig, measure
 from oversmooth_cli.measuring.summary import write_run
 from oversmooth_cli.reading.loading import load_model
 
@@ -35,7 +35,7 @@ def runs(tmp_path_factory) -> dict[int, Path]:
     for depth in DEPTHS:
         torch.manual_seed(depth)
         model = load_model(ARCH, model_args={**TINY_ARGS, "depth": depth})
-        out[depth] = write_run(measure(model, images, device="cpu"), root / f"depth{depth}")
+        out[depth] = write_run(measure(model, images, MeasureConfig(device="cpu")), root / f"depth{depth}")
     return out
 
 

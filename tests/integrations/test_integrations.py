@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from oversmooth_cli.errors import UserError
+from oversmooth_cli.measuring.config import MeasureConfig
 from oversmooth_cli.measuring.monitor import MONITOR_COLUMNS, OversmoothingMonitor
 
 from .._helpers import DIGITS_VAL, SEED, TINY_ARCH, TINY_ARGS, digit_images, load_example, torch_threads
@@ -134,9 +135,9 @@ def test_lightning_callback_finds_the_model_and_checks_the_probe_early(tmp_path)
     with pytest.raises(UserError, match="does not exist"):
         OversmoothingCallback(tmp_path / "missing", every=1)
     with pytest.raises(UserError, match="unknown metric"):
-        OversmoothingCallback(PROBE, every=1, metrics="nope")
+        OversmoothingCallback(PROBE, every=1, config=MeasureConfig(metrics="nope"))
     module = LitTiny()
-    callback = OversmoothingCallback(PROBE[:2], every=2, model=lambda m: m.model, batch_size=1)
+    callback = OversmoothingCallback(PROBE[:2], every=2, config=MeasureConfig(batch_size=1), model=lambda m: m.model)
     fit(callback, [MemoryLogger()], module)
     assert callback.monitor.model is module.model and callback.monitor.batch_size == 1
     assert sorted(callback.history["step"].unique()) == [0, 2]

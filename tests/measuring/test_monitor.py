@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from oversmooth_cli.errors import UserError
 from oversmooth_cli.measuring import monitor
+from oversmooth_cli.measuring.config import MeasureConfig
 from oversmooth_cli.measuring.monitor import MONITOR_COLUMNS, MonitorWarning, OversmoothingMonitor, load_probe
 from oversmooth_cli.measuring.run import measure
 from oversmooth_cli.reading.loading import LoadedModel, resolve_data_config
@@ -66,7 +67,7 @@ def train(monitor_every: int | None, probe=PROBE, loss_terms=("cos", "cons"), **
     model = make_trainable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     criterion = PatchDiversificationLoss(model, loss_terms, {"cos": 0.5, "cons": 0.5})
-    mon = OversmoothingMonitor(model, probe, every=monitor_every, **monitor_kwargs) if monitor_every else None
+    mon = OversmoothingMonitor(model, probe, monitor_every, MeasureConfig(**monitor_kwargs)) if monitor_every else None
     model.train()
     for step in range(STEPS):
         x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 4, (BATCH,))
@@ -99,7 +100,9 @@ def assert_same_tensors(a, b) -> None:
 def measured_like_measure(model: torch.nn.Module, probe, **kwargs) -> pd.DataFrame:
     """`measure` of the model's current weights on ``probe`` (the model is put back in train mode after)."""
     training = model.training
-    res = measure(LoadedModel(model, "m", TINY_ARCH, resolve_data_config(model)), probe, device="cpu", **kwargs)
+    res = measure(
+        LoadedModel(model, "m", TINY_ARCH, resolve_data_config(model)), probe, MeasureConfig(device="cpu", **kwargs)
+    )
     model.train(training)
     return res.layers
 
@@ -145,7 +148,7 @@ def test_a_folder_probe_and_a_metrics_selection_match_measure(tmp_path):
         shutil.copy(p, folder / p.name)
     model = make_trainable().eval()
     metrics = ["token_cosine", "rank_collapse", "cls_patch_cosine", "attention_entropy"]
-    rows = OversmoothingMonitor(model, folder, every=10, metrics=metrics).measure(0)
+    rows = OversmoothingMonitor(model, folder, every=10, config=MeasureConfig(metrics=metrics)).measure(0)
     assert set(rows["metric"]) == set(metrics)
     assert_equals_measure(rows, measured_like_measure(model, folder, metrics=metrics))
 
@@ -154,7 +157,7 @@ def test_a_tensor_probe_gives_the_values_of_the_same_images_as_paths():
     model = make_trainable().eval()
     images = load_probe(PROBE, resolve_data_config(model))
     assert images.shape == (len(PROBE), 3, 32, 32)
-    by_tensor = OversmoothingMonitor(model, images, every=1, batch_size=3).measure(7)
+    by_tensor = OversmoothingMonitor(model, images, every=1, config=MeasureConfig(batch_size=3)).measure(7)
     by_paths = OversmoothingMonitor(model, PROBE, every=1).measure(7)
     pd.testing.assert_frame_equal(by_tensor, by_paths, check_exact=False, atol=1e-6, rtol=0)
 
@@ -292,7 +295,10 @@ def test_an_empty_or_unreadable_probe_is_a_user_error_at_construction(probe, mes
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"every": 0}, "every must be at least 1"), ({"metrics": "token_cosine,nope"}, "unknown metric")],
+    [
+        ({"every": 0}, "every must be at least 1"),
+        ({"config": MeasureConfig(metrics="token_cosine,nope")}, "unknown metric"),
+    ],
 )
 def test_bad_settings_are_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message):
@@ -343,7 +349,9 @@ def test_a_model_missing_a_metric_degrades_with_one_warning_line():
     """Global-average-pooled ViT without a class token: cls_patch_cosine cannot be given, the rest is monitored."""
     torch.manual_seed(SEED)
     model = timm.create_model(TINY_ARCH, num_classes=4, class_token=False, global_pool="avg", **TINY_ARGS)
-    mon = OversmoothingMonitor(model, PROBE[:2], every=1, metrics="token_cosine,cls_patch_cosine,attention_std")
+    mon = OversmoothingMonitor(
+        model, PROBE[:2], every=1, config=MeasureConfig(metrics="token_cosine,cls_patch_cosine,attention_std")
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(3):
@@ -391,6 +399,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "train", root / "val"
 
 
+@pytest.mark.slow
 @pytest.mark.cli
 def test_finetune_monitor_every_writes_monitor_files_and_tensorboard_without_changing_training(digits, tmp_path):
     """One epoch of 5 steps: monitored at steps 0 and 5; the step-5 rows equal after/ (measure of the final weights on
@@ -425,13 +434,14 @@ def test_finetune_monitor_every_writes_monitor_files_and_tensorboard_without_cha
     assert_same_tensors(states[0]["optimizer"], states[1]["optimizer"])
 
 
+@pytest.mark.slow
 def test_finetune_monitor_is_once_per_epoch_by_default(digits, tmp_path):
-    from oversmooth_cli.training.finetune import FinetuneConfig, finetune
+    from oversmooth_cli.training.finetune import FinetuneConfig, LoadOptions, RunOptions, finetune
 
     train_dir, val_dir = digits
     cfg = FinetuneConfig(losses=(), epochs=2, batch_size=16, warmup_epochs=0.5)
-    result = finetune(TINY_ARCH, train_dir, tmp_path / "run", cfg, val_dir=val_dir, model_args=TINY_ARGS_DEPTH2,
-                      device="cpu")  # fmt: skip
+    result = finetune(TINY_ARCH, train_dir, tmp_path / "run", cfg, val_dir=val_dir,
+                      load=LoadOptions(model_args=TINY_ARGS_DEPTH2), run=RunOptions(device="cpu"))  # fmt: skip
     history = pd.read_csv(result.out / "monitor.csv")
     assert sorted(history["step"].unique()) == [0, 3, 6]  # 40 images / 16 per step = 3 steps per epoch
 

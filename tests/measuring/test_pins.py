@@ -15,6 +15,7 @@ import timm
 import torch
 from timm.utils import AttentionExtract
 
+from oversmooth_cli.measuring.config import MeasureConfig
 from oversmooth_cli.measuring.run import measure_batches
 from oversmooth_cli.measuring.summary import layer_table
 
@@ -66,7 +67,9 @@ def test_attention_std_equals_timm_attention_extract() -> None:
     for blk in model.blocks:
         blk.attn.fused_attn = True
 
-    result = measure_batches(model, [(images, list(range(5)), [])], torch.device("cpu"), metrics="attention_std")
+    result = measure_batches(
+        model, [(images, list(range(5)), [])], torch.device("cpu"), MeasureConfig(metrics="attention_std")
+    )
     table = layer_table(result)
     ours = table[table["metric"] == "attention_std"].set_index("layer")["mean"].to_dict()
     assert sorted(ours) == sorted(expected)

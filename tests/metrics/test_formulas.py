@@ -9,9 +9,8 @@ import torch
 
 from oversmooth_cli.metrics.accumulate import Z_95, OversmoothingAccumulator, RunningMoments
 from oversmooth_cli.metrics.formulas import attention_row_std, attention_std, token_cosine
-from oversmooth_cli.reading.attention import iter_attention_probs
 
-from .._helpers import brute_attention_std, brute_token_cosine
+from .._helpers import attention_chunks, brute_attention_std, brute_token_cosine
 
 pytestmark = pytest.mark.metrics
 
@@ -102,9 +101,9 @@ def test_iter_attention_probs_with_scratch_memory_is_the_same_and_allocates_no_c
         memory.setdefault(slot, torch.empty(B * H * T * max(T, dh)))
         return memory[slot][: math.prod(shape)].view(shape)
 
-    plain = [c.clone() for c in iter_attention_probs(q, k, 0.5, query_start, bias=bias, max_elements=max_elements)]
+    plain = [c.clone() for c in attention_chunks(q, k, 0.5, query_start, bias=bias, max_elements=max_elements)]
     pointers = set()
-    for want, got in zip(plain, iter_attention_probs(q, k, 0.5, query_start, bias, max_elements, scratch), strict=True):
+    for want, got in zip(plain, attention_chunks(q, k, 0.5, query_start, bias, max_elements, scratch), strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
         pointers.add(got.data_ptr())
     assert pointers == {memory["probs"].data_ptr()}, "every chunk lives in the same scratch memory"
@@ -117,7 +116,7 @@ def test_iter_attention_probs_chunks_equal_full_softmax(max_elements, query_star
     q, k = torch.randn(B, H, T, dh), torch.randn(B, H, T, dh)
     bias = torch.randn(1, H, T, T)
     scale = dh**-0.5
-    chunks = list(iter_attention_probs(q, k, scale, query_start, bias=bias, max_elements=max_elements))
+    chunks = list(attention_chunks(q, k, scale, query_start, bias=bias, max_elements=max_elements))
     got = torch.cat(chunks, dim=-2)
     want = ((q.double() @ k.double().transpose(-1, -2)) * scale + bias.double()).softmax(-1)[:, :, query_start:]
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)

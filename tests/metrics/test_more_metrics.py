@@ -39,7 +39,6 @@ from oversmooth_cli.metrics.registry import (
     describe_metric,
     parse_metrics,
 )
-from oversmooth_cli.reading.attention import iter_attention_probs
 from oversmooth_cli.reading.capture import OversmoothingCapture
 from oversmooth_cli.reading.geometry import infer_grid, pairwise_distances, patch_positions
 
@@ -49,6 +48,7 @@ from .._helpers import (
     TINY_ARCH,
     TINY_ARGS,
     TINY_ARGS_DEPTH2,
+    attention_chunks,
     brute_attention_std,
     brute_token_cosine,
     invoke,
@@ -419,7 +419,9 @@ def test_capture_all_metrics_match_float64_recomputation(key, tap):
         assert cap.unavailable == {"cls_patch_cosine": "VisionTransformer has no class token"}
     else:
         assert cap.unavailable == {}
-    assert cap._prev_tokens is None and cap._prev_attention is None, "pop_batch drops the previous layer's state"
+    assert cap._metrics.prev_tokens is None and cap._metrics.prev_attention is None, (
+        "pop_batch drops the previous layer's state"
+    )
 
 
 def test_include_prefix_measures_every_token():
@@ -481,8 +483,8 @@ def test_dynamic_image_size_places_tokens_on_the_grid_of_the_input():
 def test_iter_attention_probs_chunks_pair_up_across_layers():
     """Cross-layer similarity zips two layers' query chunks: equal shapes give equal chunk boundaries."""
     q1, k1, q2, k2 = (torch.randn(2, 2, 9, 4) for _ in range(4))
-    a = [c.shape[-2] for c in iter_attention_probs(q1, k1, 0.5, 1, max_elements=40)]
-    b = [c.shape[-2] for c in iter_attention_probs(q2, k2, 0.5, 1, max_elements=40)]
+    a = [c.shape[-2] for c in attention_chunks(q1, k1, 0.5, 1, max_elements=40)]
+    b = [c.shape[-2] for c in attention_chunks(q2, k2, 0.5, 1, max_elements=40)]
     assert a == b and len(a) > 1
 
 

@@ -15,8 +15,7 @@ import torch
 from oversmooth_cli.metrics.formulas import attention_row_std, scalar_like, softmax_row_std
 from oversmooth_cli.reading.attention import Scratch, block_plan, iter_attention_blocks
 from oversmooth_cli.reading.capture import OversmoothingCapture
-
-from .._helpers import compat_table
+from oversmooth_cli.reading.small_models import SMALL_MODELS
 
 pytestmark = pytest.mark.capture
 
@@ -85,7 +84,7 @@ METRICS = {
 def test_capture_in_small_blocks_equals_blocks_of_the_whole_batch(family, tap):
     """Windows (Swin), relative position bias (BEiT) and rotary embeddings (EVA) split into blocks of a few batch
     rows, or of a few query rows of one: the same values, and with ``inline`` the same features, as whole blocks."""
-    recipe = compat_table().SMALL_MODELS[family]
+    recipe = SMALL_MODELS[family]
     model = recipe.create()
     x = torch.randn(3, 3, recipe.img_size, recipe.img_size, generator=torch.Generator().manual_seed(1))
     results = []

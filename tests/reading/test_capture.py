@@ -9,9 +9,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from oversmooth_cli.reading.attention import resolve_attention_tap
 from oversmooth_cli.reading.capture import OversmoothingCapture
+from oversmooth_cli.reading.readers import UnsupportedModelError
 from oversmooth_cli.reading.registry import resolve_adapter
-from oversmooth_cli.reading.taps import UnsupportedModelError, resolve_attention_tap
 
 from .._helpers import (
     IMG,
@@ -229,7 +230,7 @@ INLINE_CALLS = {  # q, k, v shapes, SDPA keyword arguments, heads, heads_dim
 
 @pytest.mark.parametrize("case", list(INLINE_CALLS))
 def test_inline_tap_answers_sdpa_calls_of_every_layout_like_sdpa(case):
-    from oversmooth_cli.reading.taps import TAPS
+    from oversmooth_cli.reading.readers import READERS
 
     q_shape, k_shape, v_shape, kwargs, heads, heads_dim = INLINE_CALLS[case]
     q, k, v = torch.randn(q_shape), torch.randn(k_shape), torch.randn(v_shape)
@@ -238,13 +239,13 @@ def test_inline_tap_answers_sdpa_calls_of_every_layout_like_sdpa(case):
         want = module(q, k, v)
     seen = {"attend": 0, "qk": 0}
 
-    def on_attend(q4, k4, v4, scale, bias):  # a float64 reference computed from what the tap hands over
+    def on_attend(q4, k4, v4, scale, bias):  # a float64 reference computed from what the reader hands over
         seen["attend"] += 1
         logits = q4.double() @ k4.double().transpose(-1, -2) * scale
         return (logits if bias is None else logits + bias.double()).softmax(-1) @ v4.double()
 
     sink = SimpleNamespace(qk=lambda *a: seen.update(qk=seen["qk"] + 1), probs=lambda p: None, attend=on_attend)
-    handles, undo = TAPS["intercept"].install(module, "inline", sink, heads_dim)
+    handles, undo = READERS["intercept"].install(module, "inline", sink, heads_dim)
     try:
         with torch.no_grad():
             got = module(q, k, v)
@@ -263,7 +264,7 @@ def test_inline_tap_answers_sdpa_calls_of_every_layout_like_sdpa(case):
     ids=["dropout", "a_query_without_keys"],
 )
 def test_inline_tap_leaves_calls_it_cannot_answer_to_sdpa(kwargs):
-    from oversmooth_cli.reading.taps import TAPS, inline_inputs
+    from oversmooth_cli.reading.readers import READERS, inline_inputs
 
     q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
     assert inline_inputs((q, k, v), kwargs, 3) is None
@@ -271,7 +272,7 @@ def test_inline_tap_leaves_calls_it_cannot_answer_to_sdpa(kwargs):
     sink = SimpleNamespace(
         qk=lambda *a: seen.append("qk"), probs=lambda p: None, attend=lambda *a: seen.append("attend")
     )
-    handles, _ = TAPS["intercept"].install(module, "inline", sink, -3)
+    handles, _ = READERS["intercept"].install(module, "inline", sink, -3)
     with torch.no_grad():
         module(q, k, v)
     for h in handles:

@@ -1,4 +1,4 @@
-"""Every supported timm family, measured on a small random-weight model (the recipes of scripts/compat_table.py).
+"""Every supported timm family, measured on a small random-weight model (the recipes of reading/small_models.py).
 
 Per family: the layers, stages and token counts the capture reports against hand-derived expectations, the order the
 blocks run in, finite values in range, and the attention recomputed from the model's own q / k (fused kernels kept,
@@ -24,18 +24,18 @@ import torch
 
 from oversmooth_cli.io import read_layers
 from oversmooth_cli.plots import stage_boundaries
-from oversmooth_cli.reading.attention import iter_attention_probs
 from oversmooth_cli.reading.capture import OversmoothingCapture
+from oversmooth_cli.reading.readers import UnsupportedModelError
 from oversmooth_cli.reading.registry import ADAPTERS, UNSUPPORTED, BlockSpec, resolve_adapter
-from oversmooth_cli.reading.taps import UnsupportedModelError
+from oversmooth_cli.reading.small_models import SMALL_MODELS, VIT
 
 from .._helpers import (
     REPO,
     SdpaCalls,
     assert_same_values,
+    attention_chunks,
     brute_attention_std,
     brute_token_cosine,
-    compat_table,
     invoke,
     tiny_cli_args,
 )
@@ -144,18 +144,18 @@ SLOW = {
     "shvit",
     "mobilevit",
 }
-WEIGHT_TAPS = {"attn_drop", "talking_head2"}
+WEIGHT_READERS = {"attn_drop", "talking_head2"}
 """Taps reading the weights applied to the values, which for talking-heads attention are not softmax rows."""
 FAMILIES = [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f for f in sorted(ADAPTERS)]
 
 
 @functools.cache
 def small_model(family: str) -> torch.nn.Module:
-    return compat_table().SMALL_MODELS[family].create()
+    return SMALL_MODELS[family].create()
 
 
 def images(family: str, n: int = 2) -> torch.Tensor:
-    size = compat_table().SMALL_MODELS[family].img_size
+    size = SMALL_MODELS[family].img_size
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
@@ -170,16 +170,16 @@ def set_fused(model: torch.nn.Module, on: bool) -> list[torch.nn.Module]:
 @contextlib.contextmanager
 def tapped(specs: list[BlockSpec], mode: str) -> Iterator[tuple[dict, dict]]:
     """While inside, every attention module's full ``(B', H, T, S)`` weights of the last forward pass are read
-    through the adapters' taps into ``maps``, and ``sources`` says which path gave them.
+    through the adapters' readers into ``maps``, and ``sources`` says which path gave them.
 
-    ``qk`` mode: probabilities recomputed with :func:`iter_attention_probs` from the q, k, scale and bias the tap
-    reports (or the softmax output of a module without a fused path); ``softmax`` mode: the model's own unfused
-    probabilities.
+    ``qk`` mode: probabilities recomputed with :func:`~oversmooth_cli.reading.attention.iter_attention_blocks` from the
+    q, k, scale and bias the reader reports (or the softmax output of a module without a fused path); ``softmax``
+    mode: the model's own unfused probabilities.
     """
     maps, sources, handles, undos = {}, {}, [], []
 
     def on_qk(name, q, k, scale, bias):
-        maps[name] = torch.cat(list(iter_attention_probs(q, k, scale, bias=bias)), dim=-2)
+        maps[name] = torch.cat(list(attention_chunks(q, k, scale, bias=bias)), dim=-2)
         sources[name] = "qk"
 
     def on_probs(name, probs):
@@ -194,7 +194,7 @@ def tapped(specs: list[BlockSpec], mode: str) -> Iterator[tuple[dict, dict]]:
                     probs=functools.partial(on_probs, s.name),
                     attend=lambda *a: None,
                 )
-                h, undo = s.tap.install(s.attention, mode, sink, s.group.heads_dim)
+                h, undo = s.reader.install(s.attention, mode, sink, s.group.heads_dim)
                 handles += h
                 undos.append(undo)
         yield maps, sources
@@ -224,8 +224,8 @@ def capture(model, x: torch.Tensor, tap: str = "qk", order: list | None = None):
 
 
 def test_every_supported_family_has_a_recipe_and_an_expectation():
-    assert set(ADAPTERS) <= set(compat_table().SMALL_MODELS), (
-        "add a small model to scripts/compat_table.py SMALL_MODELS"
+    assert set(ADAPTERS) <= set(SMALL_MODELS), (
+        "add a small model to oversmooth_cli/reading/small_models.py SMALL_MODELS"
     )
     assert set(EXPECTED) == set(ADAPTERS)
 
@@ -264,7 +264,7 @@ def test_family_layers_values_and_recomputed_attention(family):
             assert ((v >= -1 - 1e-6) & (v <= 1 + 1e-6)).all()
         if metric == "attention_std":
             assert (v >= 0).all()
-            if specs[layer - 1].group.tap not in WEIGHT_TAPS:  # softmax rows: std <= sqrt(K-1)/K <= 1/2
+            if specs[layer - 1].group.reader not in WEIGHT_READERS:  # softmax rows: std <= sqrt(K-1)/K <= 1/2
                 assert (v <= 0.5).all()
     for (_, layer), v in heads.items():
         attn = specs[layer - 1].attention
@@ -293,9 +293,9 @@ def test_family_layers_values_and_recomputed_attention(family):
     assert set(qk_maps) == set(sm_maps) == {s.name for s in attended}
     for s in attended:
         torch.testing.assert_close(qk_maps[s.name], sm_maps[s.name], atol=1e-5, rtol=0)
-        if any(m in switches for m in s.attention.modules()) and s.group.tap not in WEIGHT_TAPS:
+        if any(m in switches for m in s.attention.modules()) and s.group.reader not in WEIGHT_READERS:
             assert sources[s.name] == "qk", f"{s.name} has a fused path: q and k must be read from it"
-        if s.group.tap not in WEIGHT_TAPS:  # softmax rows sum to 1 (talking-heads mixes need not)
+        if s.group.reader not in WEIGHT_READERS:  # softmax rows sum to 1 (talking-heads mixes need not)
             rows = sm_maps[s.name].sum(dim=-1)
             torch.testing.assert_close(rows, torch.ones_like(rows), atol=1e-5, rtol=0)
 
@@ -310,7 +310,7 @@ def test_family_layers_values_and_recomputed_attention(family):
 )
 def test_prefix_tokens_are_excluded_like_timm_splits_them(arch, args, prefix):
     torch.manual_seed(0)
-    model = timm.create_model(arch, pretrained=False, num_classes=0, **{**compat_table().VIT, **args}).eval()
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **{**VIT, **args}).eval()
     x = torch.randn(2, 3, 32, 32)
     layers, _, cap = capture(model, x)
     assert cap.prefix == prefix
@@ -389,7 +389,7 @@ def test_models_command_lists_architectures_with_their_support():
 
 
 def test_measure_a_hierarchical_model_writes_stages_and_tokens(tmp_path, few_images):
-    swin = compat_table().SMALL_MODELS["swin_transformer"]
+    swin = SMALL_MODELS["swin_transformer"]
     out = tmp_path / "run"
     result = invoke("measure", swin.arch, few_images, "--out", out, "--device", "cpu", "-q", *tiny_cli_args(swin.args))
     assert result.exit_code == 0, result.output
@@ -428,9 +428,9 @@ def test_old_layers_csv_without_stage_columns_still_reads(tmp_path):
     assert stage_boundaries(df) == []
 
 
-def test_compatibility_doc_lists_every_family():
+def test_compatibility_doc_lists_every_family(compat_script):
     doc = (REPO / "docs" / "compatibility.md").read_text()
-    compat = compat_table()
+    compat = compat_script
     total = len(compat.families())
     match = re.search(r"\*\*(\d+) of (\d+) families measured\*\*", doc)
     assert match and int(match.group(2)) == total

@@ -1,7 +1,8 @@
 """Token positions of windowed and hierarchical attention, and the families measured since the coverage pass.
 
 ``attention_distance`` needs each query's and key's position in the input image. For windowed attention the capture
-places every window's tokens through the family's position rule (:mod:`oversmooth_cli.families`); these tests check
+places every window's tokens through the family's position rule (:mod:`oversmooth_cli.reading.families`); these tests
+check
 Swin against a float64 reference that rebuilds the shifted windows by hand from the model config, the window
 layouts against timm's own partition functions applied to a map of cell centres, and that every positioned family
 gives the same values through all three attention taps. Then the coverage rule behind the "N of M" count of
@@ -21,10 +22,11 @@ import torch
 
 from oversmooth_cli.reading.capture import OversmoothingCapture
 from oversmooth_cli.reading.geometry import cell_centres, pool_cells, strided_cells, window_cells
+from oversmooth_cli.reading.readers import UnsupportedModelError
 from oversmooth_cli.reading.registry import ADAPTERS, UNSUPPORTED, resolve_adapter
-from oversmooth_cli.reading.taps import UnsupportedModelError
+from oversmooth_cli.reading.small_models import SMALL_MODELS
 
-from .._helpers import REPO, brute_attention_std, compat_table
+from .._helpers import REPO, brute_attention_std
 
 pytestmark = pytest.mark.capture
 
@@ -36,7 +38,7 @@ DISTANCE = ("attention_std", "attention_distance")
 def small_model(family: str, sharpen: float = 0.0) -> torch.nn.Module:
     """The family's compat-table model; ``sharpen`` adds seeded noise of that scale to every weight matrix of its
     attention modules, so that random-init attention (close to uniform) has distinct rows."""
-    model = compat_table().SMALL_MODELS[family].create()
+    model = SMALL_MODELS[family].create()
     if sharpen:
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():
@@ -48,7 +50,7 @@ def small_model(family: str, sharpen: float = 0.0) -> torch.nn.Module:
 
 
 def images(family: str, n: int = 2) -> torch.Tensor:
-    size = compat_table().SMALL_MODELS[family].img_size
+    size = SMALL_MODELS[family].img_size
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
@@ -102,7 +104,7 @@ def swin_reference(args: dict, probs: dict[str, torch.Tensor], names: list[str])
 
 @pytest.mark.parametrize("family", ["swin_transformer", "swin_transformer_v2"])
 def test_swin_attention_distance_matches_a_float64_reference_with_shifted_windows(family):
-    recipe = compat_table().SMALL_MODELS[family]
+    recipe = SMALL_MODELS[family]
     model = small_model(family, sharpen=0.5)
     x = images(family)
     specs = resolve_adapter(model).block_specs(model)
@@ -184,7 +186,7 @@ POSITIONED = sorted(set(ADAPTERS) - PATCH_GRID - {"coat", "edgenext"})  # those 
 def test_attention_distance_is_placed_and_the_same_through_every_tap(family):
     model = small_model(family, sharpen=0.1)
     x = images(family)
-    size = compat_table().SMALL_MODELS[family].img_size
+    size = SMALL_MODELS[family].img_size
     results = [measure(model, x, tap) for tap in TAPS]
     layers, heads, unavailable = results[0]
     std_layers = {layer for m, layer in layers if m == "attention_std"}
@@ -285,14 +287,14 @@ def meta_model(name: str) -> torch.nn.Module:
         ("convit_tiny", ["GPSA", "MHSA"]),
     ],
 )
-def test_attention_is_told_by_the_module_classes_of_a_model_built_on_meta(arch, classes):
-    assert compat_table().has_attention(meta_model(arch)) == classes
+def test_attention_is_told_by_the_module_classes_of_a_model_built_on_meta(arch, classes, compat_script):
+    assert compat_script.has_attention(meta_model(arch)) == classes
 
 
-def test_the_family_count_is_every_timm_module_whose_models_hold_attention():
+def test_the_family_count_is_every_timm_module_whose_models_hold_attention(compat_script):
     import timm
 
-    compat = compat_table()
+    compat = compat_script
     cached = json.loads(compat.ATTENTION_MODULES.read_text())
     assert cached["timm"] == timm.__version__, "run python scripts/compat_table.py --rescan"
     modules = compat.attention_modules()
@@ -312,10 +314,10 @@ def test_the_family_count_is_every_timm_module_whose_models_hold_attention():
 
 
 @pytest.mark.slow
-def test_every_counted_module_has_the_recorded_attention_model():
+def test_every_counted_module_has_the_recorded_attention_model(compat_script):
     import timm
 
-    compat = compat_table()
+    compat = compat_script
     for module, found in compat.attention_modules().items():
         assert found["model"] in timm.list_models(module=module), module
         assert compat.has_attention(meta_model(found["model"])) == found["classes"], module

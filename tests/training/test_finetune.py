@@ -89,6 +89,7 @@ def full_run(digits, tmp_path_factory: pytest.TempPathFactory):
     return out, res
 
 
+@pytest.mark.slow
 def test_cli_writes_every_output_and_measure_loads_it(digits, full_run, tmp_path):
     val = digits[1]
     out, res = full_run
@@ -211,10 +212,12 @@ def _library_run(train: Path, val: Path, out: Path, **kwargs) -> finetune.Finetu
         losses=("cos", "cons", "token"), epochs=2, batch_size=8, lr=2e-3, warmup_epochs=0.5, cutmix_prob=1.0
     )
     return finetune.finetune(
-        TINY_ARCH, train, out, cfg, val_dir=val, model_args=TINY_ARGS_DEPTH2, device="cpu", **kwargs
-    )
+        TINY_ARCH, train, out, cfg, val_dir=val, load=finetune.LoadOptions(model_args=TINY_ARGS_DEPTH2),
+        run=finetune.RunOptions(device="cpu"), hooks=finetune.RunHooks(**kwargs),
+    )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_interrupt_then_resume_equals_an_uninterrupted_run(digits, full_run, tmp_path):
     """Library run stopped by Ctrl-C mid-epoch, resumed through the CLI: bit-identical to the uninterrupted CLI run."""
     train, val = digits
@@ -264,8 +267,9 @@ def test_accumulation_and_workers_give_the_same_training(digits, tmp_path, monke
         )  # fmt: skip
         out = tmp_path / name
         finetune.finetune(
-            TINY_ARCH, train, out, cfg, val_dir=val, model_args=TINY_ARGS_DEPTH2, device="cpu", workers=workers
-        )
+            TINY_ARCH, train, out, cfg, val_dir=val, load=finetune.LoadOptions(model_args=TINY_ARGS_DEPTH2),
+            run=finetune.RunOptions(device="cpu", workers=workers),
+        )  # fmt: skip
         results[name] = load_file(str(out / "checkpoint-last.safetensors"))
         assert torch.load(out / "train_state.pt", weights_only=True)["global_step"] == 5
     assert len(norms["plain"]) == len(norms["accum"]) == 5
@@ -274,6 +278,7 @@ def test_accumulation_and_workers_give_the_same_training(digits, tmp_path, monke
         torch.testing.assert_close(results["accum"][k], v, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_the_command_line_saves_and_exits_130(digits, tmp_path, monkeypatch):
     train, val = digits
     real = trainer.Trainer.train_window
@@ -321,6 +326,7 @@ def test_resume_refuses_other_options(digits, full_run):
     assert (out / "train_state.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_term_and_keeps_the_last_checkpoint(digits, tmp_path, monkeypatch):
     train, val = digits
     calls = {"n": 0}
@@ -412,6 +418,7 @@ def test_unreadable_training_image_in_a_worker_is_one_line(digits, tmp_path):
 
 
 # -- before and after: the epoch-0 row -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_epoch_zero_row_is_the_model_before_training(digits, tmp_path):
     """history.csv row 0 == a direct evaluation (top-1) and `oversmooth measure` (token cosine) of the start model."""
     train, val = digits
@@ -455,6 +462,7 @@ def _same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_control_twin_equals_a_separate_loss_none_run_and_the_side_by_side_reads_both(digits, control_run, tmp_path):
     train, val = digits
     out, res = control_run
@@ -492,6 +500,7 @@ def test_control_twin_equals_a_separate_loss_none_run_and_the_side_by_side_reads
     assert "control (--loss none): val top-1" in res.stdout
 
 
+@pytest.mark.slow
 def test_resume_continues_a_control_run_interrupted_in_its_control_arm(digits, control_run, tmp_path):
     train, val = digits
     full, res = control_run
@@ -506,8 +515,8 @@ def test_resume_continues_a_control_run_interrupted_in_its_control_arm(digits, c
     cfg = finetune.FinetuneConfig(losses=("cos", "cons", "token"), epochs=1, batch_size=8, lr=2e-3, cutmix_prob=1.0)
     part = tmp_path / "part"
     stopped = finetune.finetune(
-        TINY_ARCH, train, part, cfg, val_dir=val, model_args=TINY_ARGS_DEPTH2, device="cpu", control=True,
-        on_step=ctrl_c,
+        TINY_ARCH, train, part, cfg, val_dir=val, load=finetune.LoadOptions(model_args=TINY_ARGS_DEPTH2),
+        run=finetune.RunOptions(device="cpu", control=True), hooks=finetune.RunHooks(on_step=ctrl_c),
     )  # fmt: skip
     assert stopped.interrupted and stopped.control.interrupted and stopped.comparison is None
     assert stopped.stopped_at == (1, 3) and not (part / "side_by_side.csv").exists()

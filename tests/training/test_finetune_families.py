@@ -79,6 +79,7 @@ def _one_line(res) -> str:
 
 
 # -- one-step fine-tunes -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.cli
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_one_step_finetune_with_every_loss(family, digits, tmp_path):

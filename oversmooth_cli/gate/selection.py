@@ -1,4 +1,5 @@
-"""Layer selections: ``0-5,12`` parsed and printed back."""
+"""What a check looks at: layer selections (``0-5,12`` parsed and printed back) and the direction of change that
+fails it. Torch-free: the command line reads it at start-up."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ from collections.abc import Iterable, Sequence
 
 from ..errors import UserError
 
-__all__ = ["format_layers", "parse_layers"]
+__all__ = ["DIRECTIONS", "format_layers", "parse_layers"]
+
+DIRECTIONS: dict[str, tuple[int, ...]] = {"both": (1, -1), "up": (1,), "down": (-1,)}
+"""``--direction``: which signs of (change x the metric's smoothing sign) fail a check: ``up`` only more
+over-smoothing, ``down`` only less, ``both`` either."""
 
 
 # -- layer selections ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Attention taps: how the attention of one attention module is read while the model runs.
+"""Attention readers: where the attention of one attention module is read while the model runs.
 
-A tap reports what it reads to a :class:`TapSink` (the capture):
+A reader reports what it reads to a :class:`ReaderSink` (the capture):
 
 * ``qk_norm`` (ViT): forward hooks on the attention's ``q_norm`` / ``k_norm`` modules receive ``q`` and ``k``
   exactly as the model uses them; the model keeps its fused (SDPA) kernel.
@@ -11,13 +11,16 @@ A tap reports what it reads to a :class:`TapSink` (the capture):
 * ``attn_drop`` / ``talking_head2``: the attention weights the model applies are read where they leave the
   attention (input of ``attn_drop``, output of a post-softmax head-mixing conv), for families whose weights are not
   a single softmax (ConViT's gated positional attention, CaiT's and EfficientFormer-V2's talking heads).
+* ``cascaded``: every per-head softmax of cascaded group attention (EfficientViT-MSRA), reported together.
 
-With ``attention_tap="inline"`` the ``qk_norm`` and ``intercept`` taps answer the module's SDPA call themselves
-(:meth:`TapSink.attend`): the attention is computed once, unfused, in query chunks that reuse one scratch buffer, and
-its probabilities are measured on the way (no second ``q k^T``; the fastest tap on CPU, where ``auto`` picks it).
-Calls it cannot take (dropout, autograd) run as in ``qk`` mode.
+How the probabilities are then computed is the attention *tap* (``--attention-tap``,
+:func:`~oversmooth_cli.reading.attention.resolve_attention_tap`), the mode a reader is installed in. With the
+``inline`` tap the ``qk_norm`` and ``intercept`` readers answer the module's SDPA call themselves
+(:meth:`ReaderSink.attend`): the attention is computed once, unfused, in query chunks that reuse one scratch buffer,
+and its probabilities are measured on the way (no second ``q k^T``; the fastest tap on CPU, where ``auto`` picks it).
+Calls they cannot take (dropout, autograd) run as with the ``qk`` tap.
 
-With ``attention_tap="softmax"`` every tap switches ``fused_attn`` off and reads the probabilities the model itself
+With the ``softmax`` tap every reader switches ``fused_attn`` off and reads the probabilities the model itself
 computes (at ``attn_drop``, or at the softmax call); slower, used to check the default path.
 
 Windowed attention (Swin, SAM, Twins, NesT, ...) arrives with the windows folded into the batch dimension,
@@ -37,44 +40,25 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
-    "ATTENTION_TAPS",
-    "AUTO_TAP",
-    "TAPS",
-    "AttentionTap",
-    "CascadedHeadsTap",
-    "InterceptTap",
-    "QKNormTap",
-    "TapSink",
+    "READERS",
+    "AttentionReader",
+    "CascadedHeadsReader",
+    "InterceptReader",
+    "QKNormReader",
+    "ReaderSink",
     "UnsupportedModelError",
-    "WeightsTap",
+    "WeightsReader",
     "inline_inputs",
-    "resolve_attention_tap",
     "sdpa_inputs",
 ]
-
-
-ATTENTION_TAPS = ("auto", "qk", "inline", "softmax")
-"""``--attention-tap`` values; ``auto`` is resolved per device by :func:`resolve_attention_tap`."""
-
-
-AUTO_TAP = {"cpu": "inline"}
-"""``auto`` per device type (default ``qk``): on CPU computing the attention once beats the fused kernel plus a second
-``q k^T`` (``benchmarks/bench_measure.py``); on GPUs the fused kernel is kept for the forward pass."""
-
-
-def resolve_attention_tap(tap: str, device: torch.device | str) -> str:
-    """The tap ``tap`` means on ``device``: ``auto`` becomes :data:`AUTO_TAP`'s entry, others stay as they are."""
-    if tap not in ATTENTION_TAPS:
-        raise ValueError(f"attention_tap must be one of {ATTENTION_TAPS}, got {tap!r}")
-    return AUTO_TAP.get(torch.device(device).type, "qk") if tap == "auto" else tap
 
 
 class UnsupportedModelError(ValueError):
     """The model's family or blocks cannot be measured; the message says which and what is missing."""
 
 
-class TapSink(Protocol):
-    """Where a tap reports the attention of one module: ``(B', H, T, .)`` tensors, windows folded into ``B'``."""
+class ReaderSink(Protocol):
+    """Where a reader reports the attention of one module: ``(B', H, T, .)`` tensors, windows folded into ``B'``."""
 
     def qk(self, q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> None:
         """Queries and keys ``(B', H, T, dh)`` as the model uses them; ``bias`` broadcastable to ``(B', H, T, S)``."""
@@ -117,7 +101,8 @@ def _num_heads(attn: nn.Module) -> int:
 
 def _fused_off(attn: nn.Module) -> Undo:
     """Switch ``fused_attn`` off on ``attn`` and its children; the returned function restores every switch."""
-    changed = [(m, m.fused_attn) for m in attn.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    switches: list[Any] = [m for m in attn.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    changed = [(m, m.fused_attn) for m in switches]
     for m, _ in changed:
         m.fused_attn = False
 
@@ -212,18 +197,18 @@ _SOFTMAX = (torch.Tensor.softmax, F.softmax, torch.softmax)
 
 
 @dataclass(frozen=True)
-class _CallReader:
-    """Turns what an intercepted attention module does into :class:`TapSink` calls, heads first.
+class _CallRelay:
+    """Turns what an intercepted attention module does into :class:`ReaderSink` calls, heads first.
 
     Attributes:
         sink: where to report.
         heads: the module's number of heads (to split 3-D tensors).
         heads_dim: where the heads are in 4-D or wider tensors.
         report_sdpa: report an SDPA call's ``q`` and ``k`` (``False`` when only the softmax output matters).
-        inline: answer the first SDPA call with :meth:`TapSink.attend`.
+        inline: answer the first SDPA call with :meth:`ReaderSink.attend`.
     """
 
-    sink: TapSink
+    sink: ReaderSink
     heads: int
     heads_dim: int = -3
     report_sdpa: bool = True
@@ -249,18 +234,18 @@ class _CallReader:
 class _AttentionIntercept(TorchFunctionMode):
     """Active only while one attention module runs: reports its first SDPA call, or else its first softmax.
 
-    In ``inline`` mode the first SDPA call is answered by the reader instead (``None``: not taken, the call runs and
+    In ``inline`` mode the first SDPA call is answered by the relay instead (``None``: not taken, the call runs and
     is reported as usual).
     """
 
-    def __init__(self, reader: _CallReader):
+    def __init__(self, relay: _CallRelay):
         super().__init__()
-        self.reader, self.done = reader, False
+        self.relay, self.done = relay, False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.reader.inline and not self.done and func is F.scaled_dot_product_attention:
-            out = self.reader.attend(args, kwargs)
+        if self.relay.inline and not self.done and func is F.scaled_dot_product_attention:
+            out = self.relay.attend(args, kwargs)
             if out is not None:
                 self.done = True
                 return out
@@ -268,19 +253,19 @@ class _AttentionIntercept(TorchFunctionMode):
         if not self.done:
             if func is F.scaled_dot_product_attention:
                 self.done = True
-                self.reader.sdpa(args, kwargs)
+                self.relay.sdpa(args, kwargs)
             elif func in _SOFTMAX:
                 self.done = True
-                self.reader.softmax(out)
+                self.relay.softmax(out)
         return out
 
 
-def _intercept(attn: nn.Module, reader: _CallReader) -> list:
+def _intercept(attn: nn.Module, relay: _CallRelay) -> list:
     """Enter an :class:`_AttentionIntercept` for every forward of ``attn`` (left again even if the forward fails)."""
     active: list[_AttentionIntercept] = []
 
     def enter(_m, _args):
-        mode = _AttentionIntercept(reader)
+        mode = _AttentionIntercept(relay)
         mode.__enter__()
         active.append(mode)
 
@@ -291,67 +276,72 @@ def _intercept(attn: nn.Module, reader: _CallReader) -> list:
     return [attn.register_forward_pre_hook(enter), attn.register_forward_hook(leave, always_call=True)]
 
 
-class AttentionTap:
+class AttentionReader:
     """How the attention of one attention module is read (see the module docstring)."""
 
     name = "base"
 
-    def install(self, attn: nn.Module, mode: str, sink: TapSink, heads_dim: int = -3) -> tuple[list, Undo]:
-        """Hook ``attn`` for ``mode`` ``qk``, ``inline`` or ``softmax``; returns the hook handles and an undo function.
+    def install(self, attn: nn.Module, mode: str, sink: ReaderSink, heads_dim: int = -3) -> tuple[list, Undo]:
+        """Hook ``attn`` for the attention tap ``mode`` (``qk``, ``inline`` or ``softmax``); returns the hook handles
+        and an undo function.
 
         ``heads_dim`` says where the heads are in the module's attention tensors (see
-        :class:`~oversmooth_cli.adapters.Group`); in ``inline`` mode ``sink.attend`` answers SDPA calls (taps without
-        a fused path to take read the weights as usual).
+        :class:`~oversmooth_cli.reading.registry.Group`); in ``inline`` mode ``sink.attend`` answers SDPA calls
+        (readers without a fused path to take read the weights as usual).
         """
         raise NotImplementedError
 
     @staticmethod
-    def softmax(attn: nn.Module, sink: TapSink, heads_dim: int = -3) -> tuple[list, Undo]:
+    def softmax(attn: nn.Module, sink: ReaderSink, heads_dim: int = -3) -> tuple[list, Undo]:
         """Unfused reference: turn ``fused_attn`` off and read the probabilities the model computes."""
         if isinstance(getattr(attn, "attn_drop", None), nn.Module):
-            return TAPS["attn_drop"].install(attn, "softmax", sink, heads_dim)
+            return READERS["attn_drop"].install(attn, "softmax", sink, heads_dim)
         undo = _fused_off(attn)
-        handles = _intercept(attn, _CallReader(sink, _num_heads(attn), heads_dim, report_sdpa=False))
+        handles = _intercept(attn, _CallRelay(sink, _num_heads(attn), heads_dim, report_sdpa=False))
         return handles, undo
 
 
-class QKNormTap(AttentionTap):
+class QKNormReader(AttentionReader):
     """Hooks on ``q_norm`` / ``k_norm`` (timm ``vision_transformer.Attention``): zero extra work, fused kernel kept."""
 
     name = "qk_norm"
 
-    def install(self, attn: nn.Module, mode: str, sink: TapSink, heads_dim: int = -3) -> tuple[list, Undo]:
+    def install(self, attn: nn.Module, mode: str, sink: ReaderSink, heads_dim: int = -3) -> tuple[list, Undo]:
         if mode == "softmax":
             return self.softmax(attn, sink, heads_dim)
         if mode == "inline":
-            return TAPS["intercept"].install(attn, mode, sink, heads_dim)
+            return READERS["intercept"].install(attn, mode, sink, heads_dim)
         missing = [a for a in ("q_norm", "k_norm", "scale") if not hasattr(attn, a)]
         if missing:
-            raise UnsupportedModelError(f"{type(attn).__name__} lacks {', '.join(missing)} for the qk_norm tap")
+            raise UnsupportedModelError(f"{type(attn).__name__} lacks {', '.join(missing)} for the qk_norm reader")
         store: dict[str, torch.Tensor] = {}
+        timm_attn: Any = attn  # timm vision_transformer.Attention
 
         def on_q(_m, _inp, out):
             store["q"] = out
 
         def on_k(_m, _inp, out):
-            sink.qk(store.pop("q"), out, float(attn.scale), None)
+            sink.qk(store.pop("q"), out, float(timm_attn.scale), None)
 
-        return [attn.q_norm.register_forward_hook(on_q), attn.k_norm.register_forward_hook(on_k)], lambda: None
+        return [
+            timm_attn.q_norm.register_forward_hook(on_q),
+            timm_attn.k_norm.register_forward_hook(on_k),
+        ], lambda: None
 
 
-class InterceptTap(AttentionTap):
+class InterceptReader(AttentionReader):
     """``q``, ``k``, scale and mask of the module's SDPA call, or its softmax output when it has no fused path."""
 
     name = "intercept"
 
-    def install(self, attn: nn.Module, mode: str, sink: TapSink, heads_dim: int = -3) -> tuple[list, Undo]:
+    def install(self, attn: nn.Module, mode: str, sink: ReaderSink, heads_dim: int = -3) -> tuple[list, Undo]:
         if mode == "softmax":
             return self.softmax(attn, sink, heads_dim)
-        reader = _CallReader(sink, _num_heads(attn), heads_dim, inline=mode == "inline")
-        return _intercept(attn, reader), lambda: None
+        relay = _CallRelay(sink, _num_heads(attn), heads_dim, inline=mode == "inline")
+        return _intercept(attn, relay), lambda: None
 
 
-class WeightsTap(AttentionTap):
+class WeightsReader(AttentionReader):
     """The weights the model applies to the values, read where they leave the attention (fused path switched off).
 
     ``attn_drop``: at the input of ``attn_drop`` (ConViT's gated attention, CaiT's talking heads);
@@ -361,16 +351,16 @@ class WeightsTap(AttentionTap):
     def __init__(self, submodule: str, output: bool = False) -> None:
         self.name, self.submodule, self.output = submodule, submodule, output
 
-    def install(self, attn: nn.Module, mode: str, sink: TapSink, heads_dim: int = -3) -> tuple[list, Undo]:
+    def install(self, attn: nn.Module, mode: str, sink: ReaderSink, heads_dim: int = -3) -> tuple[list, Undo]:
         where = getattr(attn, self.submodule, None)
         if not isinstance(where, nn.Module):
             raise UnsupportedModelError(f"{type(attn).__name__} has no {self.submodule} to read attention weights at")
-        reader = _CallReader(sink, _num_heads(attn), heads_dim)
+        relay = _CallRelay(sink, _num_heads(attn), heads_dim)
         undo = _fused_off(attn)
         if self.output:
-            hook = where.register_forward_hook(lambda _m, _a, out: reader.softmax(out))
+            hook = where.register_forward_hook(lambda _m, _a, out: relay.softmax(out))
         else:
-            hook = where.register_forward_pre_hook(lambda _m, args: reader.softmax(args[0]))
+            hook = where.register_forward_pre_hook(lambda _m, args: relay.softmax(args[0]))
         return [hook], undo
 
 
@@ -388,7 +378,7 @@ class _CollectSoftmax(TorchFunctionMode):
         return out
 
 
-class CascadedHeadsTap(AttentionTap):
+class CascadedHeadsReader(AttentionReader):
     """Cascaded group attention (EfficientViT-MSRA): the module computes one softmax per head, one head after the
     other (each head's input is its channel split plus the previous head's output), with no fused path. Every softmax
     of one forward is kept and the maps are reported together as the heads, ``(B', H, T, S)``, when the module
@@ -396,7 +386,7 @@ class CascadedHeadsTap(AttentionTap):
 
     name = "cascaded"
 
-    def install(self, attn: nn.Module, mode: str, sink: TapSink, heads_dim: int = -3) -> tuple[list, Undo]:
+    def install(self, attn: nn.Module, mode: str, sink: ReaderSink, heads_dim: int = -3) -> tuple[list, Undo]:
         maps: list[torch.Tensor] = []
         active: list[_CollectSoftmax] = []
 
@@ -416,14 +406,14 @@ class CascadedHeadsTap(AttentionTap):
         return hooks, lambda: None
 
 
-TAPS: dict[str, AttentionTap] = {
+READERS: dict[str, AttentionReader] = {
     t.name: t
     for t in (
-        QKNormTap(),
-        InterceptTap(),
-        WeightsTap("attn_drop"),
-        WeightsTap("talking_head2", True),
-        CascadedHeadsTap(),
+        QKNormReader(),
+        InterceptReader(),
+        WeightsReader("attn_drop"),
+        WeightsReader("talking_head2", True),
+        CascadedHeadsReader(),
     )
 }
-"""Tap name (a :class:`~oversmooth_cli.adapters.Group`'s ``tap``) -> tap."""
+"""Reader name (a :class:`~oversmooth_cli.reading.registry.Group`'s ``reader``) -> reader."""

@@ -1,0 +1,205 @@
+"""Sweep: which finetune defaults make the losses lower over-smoothing on the bundled example, at no accuracy cost.
+
+Every run is ``oversmooth finetune examples/digits-vit TRAIN --val-dir VAL --hflip 0 --epochs 5 --control --seed K``
+plus one candidate's options (the command users run; its ``--loss none`` twin shares the seed, samples,
+augmentations and CutMix draws). Per candidate and seed it records the last-layer token cosine and val top-1 of both
+arms, McNemar's exact p of the top-1 difference, and what the run ran on (commit, torch, threads). A candidate
+*meets* the target when, in every seed, the treated arm's last-layer token cosine is at least 0.05 below the twin's and
+McNemar's p >= 0.05, and the mean top-1 difference is >= -1 point.
+
+Runs are parallel processes with one thread each (``--jobs``); a (candidate, seed) row already in the CSV for the
+same commit is skipped, so the sweep can be stopped and started again (e.g. in the background across sessions):
+
+    nohup python benchmarks/defaults_sweep.py --jobs 2 > sweep.log 2>&1 &
+    python benchmarks/defaults_sweep.py --report      # the table per candidate, from the CSV alone
+
+Results: ``benchmarks/results/defaults_sweep.csv`` (one row per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO.parent / "shared" / "data" / "digits"
+RESULTS = REPO / "benchmarks" / "results" / "defaults_sweep.csv"
+
+BASE = ["--hflip", "0", "--epochs", "5", "--control", "-q", "--device", "cpu"]
+"""Options every run shares (issue 22: the bundled example, no flips, 5 epochs, with its --loss none twin)."""
+
+CANDIDATES: dict[str, list[str]] = {
+    "current": [],
+    "cutmix1": ["--cutmix-prob", "1.0"],
+    "lr1e-4": ["--lr", "1e-4"],
+    "lr2e-4": ["--lr", "2e-4"],
+    "cutmix1-lr1e-4": ["--cutmix-prob", "1.0", "--lr", "1e-4"],
+    "cutmix1-lr2e-4": ["--cutmix-prob", "1.0", "--lr", "2e-4"],
+    "cutmix1-cos1": ["--cutmix-prob", "1.0", "--w-cos", "1.0"],
+    "cutmix1-token0.5": ["--cutmix-prob", "1.0", "--w-token", "0.5"],
+    "cutmix1-cos1-lr1e-4": ["--cutmix-prob", "1.0", "--w-cos", "1.0", "--lr", "1e-4"],
+    "cutmix1-cos2-lr1e-4": ["--cutmix-prob", "1.0", "--w-cos", "2.0", "--lr", "1e-4"],
+}
+"""Candidate defaults, by name: the options added to :data:`BASE` (CutMix probability when token is on, the term
+weights, the learning rate)."""
+
+COLUMNS = [
+    "candidate",
+    "options",
+    "seed",
+    "treated_top1",
+    "control_top1",
+    "top1_diff",
+    "mcnemar_p",
+    "treated_cosine",
+    "control_cosine",
+    "cosine_diff",
+    "before_cosine",
+    "n_val",
+    "seconds",
+    "commit",
+    "torch",
+    "threads",
+]
+
+
+def commit() -> str:
+    """HEAD, with ``-dirty`` when tracked files differ from it (a row must say what code made it)."""
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def done(path: Path, code: str) -> set[tuple[str, int]]:
+    if not path.is_file():
+        return set()
+    with path.open() as f:
+        return {(r["candidate"], int(r["seed"])) for r in csv.DictReader(f) if r["commit"] == code}
+
+
+def run_one(name: str, seed: int, train: Path, val: Path, code: str, scratch: Path) -> dict[str, object]:
+    out = scratch / f"{name}-seed{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "oversmooth_cli", "finetune", str(REPO / "examples" / "digits-vit"), str(train)]
+    cmd += ["--val-dir", str(val), "--seed", str(seed), "--out", str(out), *BASE, *CANDIDATES[name]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} seed {seed} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    side = json.loads((out / "side_by_side.json").read_text())
+    arms = {r["arm"]: r for r in side["rows"]}
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "candidate": name,
+        "options": " ".join(CANDIDATES[name]) or "(defaults)",
+        "seed": seed,
+        "treated_top1": arms["treated"]["val_top1"],
+        "control_top1": arms["control"]["val_top1"],
+        "top1_diff": arms["treated"]["val_top1"] - arms["control"]["val_top1"],
+        "mcnemar_p": side["p_value"],
+        "treated_cosine": arms["treated"]["token_cosine"],
+        "control_cosine": arms["control"]["token_cosine"],
+        "cosine_diff": arms["treated"]["token_cosine"] - arms["control"]["token_cosine"],
+        "before_cosine": arms["before"]["token_cosine"],
+        "n_val": arms["treated"]["n_images"],
+        "seconds": round(seconds, 1),
+        "commit": code,
+        "torch": torch_version(),
+        "threads": 1,
+    }
+
+
+def append(path: Path, row: dict[str, object]) -> None:
+    new = not path.is_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def report(path: Path) -> str:
+    """One line per candidate and commit: per-seed cosine and top-1 differences, and whether it meets the target."""
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    lines = [
+        "| candidate | commit | seeds | cosine diff per seed | top-1 diff per seed | McNemar p per seed |"
+        " mean top-1 diff | meets |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (name, code), g in df.groupby(["candidate", "commit"], sort=False):
+        g = g.sort_values("seed")
+        meets = (len(g) >= 3 and (g["cosine_diff"] <= -0.05).all() and (g["mcnemar_p"] >= 0.05).all()) and g[
+            "top1_diff"
+        ].mean() >= -1.0
+        lines.append(
+            f"| {name} | {code} | {len(g)} | {', '.join(f'{x:+.3f}' for x in g['cosine_diff'])} | "
+            f"{', '.join(f'{x:+.1f}' for x in g['top1_diff'])} | {', '.join(f'{x:.2f}' for x in g['mcnemar_p'])} | "
+            f"{g['top1_diff'].mean():+.2f} | {'yes' if meets else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated names (default: all)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel runs, one thread each")
+    parser.add_argument("--train", type=Path, default=DIGITS / "train")
+    parser.add_argument("--val", type=Path, default=DIGITS / "val")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--report", action="store_true", help="print the table from the CSV and exit")
+    args = parser.parse_args(argv)
+    if args.report:
+        print(report(args.results))
+        return 0
+    code = commit()
+    names = [n.strip() for n in args.candidates.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        parser.error(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    finished = done(args.results, code)
+    todo = [(n, s) for s in seeds for n in names if (n, s) not in finished]
+    print(f"commit {code}: {len(todo)} runs to do, {len(finished)} already in {args.results}", flush=True)
+    scratch = Path(tempfile.mkdtemp(prefix="oversmooth-sweep-"))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_one, n, s, args.train, args.val, code, scratch): (n, s) for n, s in todo}
+        for future, (n, s) in futures.items():
+            try:
+                row = future.result()
+            except RuntimeError as e:
+                print(f"FAILED {e}", flush=True)
+                continue
+            append(args.results, row)
+            print(
+                f"{n} seed {s}: cosine {row['treated_cosine']:.3f} vs {row['control_cosine']:.3f}, "
+                f"top-1 {row['treated_top1']:.1f} vs {row['control_top1']:.1f} (p {row['mcnemar_p']:.2f}), "
+                f"{row['seconds']} s",
+                flush=True,
+            )
+    shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
