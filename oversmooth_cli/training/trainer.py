@@ -51,6 +51,7 @@ __all__ = [
     "running_means",
     "shard_loader",
     "warmup_cosine",
+    "weight_decay_groups",
 ]
 
 
@@ -198,6 +199,16 @@ def non_finite_message(name: str, value: float, progress: Progress, out: Path) -
     return f"non-finite loss: {term} = {value} {where}; the step was not applied; {kept}{weight}"
 
 
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: ``weight_decay`` on weight matrices and kernels; none on biases, norms (every 1-D
+    parameter) and the names the model's ``no_weight_decay()`` lists (position embeddings, class and register tokens).
+    """
+    no_weight_decay = getattr(model, "no_weight_decay", None)
+    names = no_weight_decay() if callable(no_weight_decay) else ()
+    # by keyword: timm 1.0.15 put ``weight_decay_exclude_1d`` third, where older versions had the names
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=names)
+
+
 class Trainer:
     """Trains one process's model: AdamW steps with warmup/cosine, validation, and the run's checkpoint files.
 
@@ -241,12 +252,7 @@ class Trainer:
             raise ValueError("the token term needs patch: the grid and count of the tokens it scores")
         self.patch: tuple[int, int] | None = patch[0] if patch else None
         self.n_patches: int = patch[1] if patch else 0
-        no_weight_decay = getattr(model, "no_weight_decay", None)
-        no_decay = no_weight_decay() if no_weight_decay is not None else ()
-        # recent timm reads this third positional argument as ``weight_decay_exclude_1d``, not as the names to
-        # exclude; kept as it is until a fix is decided, since changing it changes every run's weights
-        groups = param_groups_weight_decay(model, cfg.weight_decay, no_decay)  # type: ignore[arg-type]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        self.optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
         total, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
         factor = warmup_cosine(total, warmup, cfg.min_lr / cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
