@@ -1,9 +1,15 @@
 """The input pipeline: image discovery and robust decoding, streamed through a DataLoader with the model's own eval
 transform (``measure``), and labelled ImageFolder data with seeded augmentation and per-rank sampling (``finetune``).
+
+What counts as the same images: a measured image is known by the SHA-256 of its file's bytes, computed from the very
+bytes that are decoded (each file is read once, :func:`read_rgb`). The same file under another name or in another
+folder is the same image; one changed byte (a pixel, or metadata) makes it another image.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 import random
@@ -32,10 +38,12 @@ __all__ = [
     "build_loader",
     "build_transform",
     "discover_classes",
+    "file_digest",
     "find_images",
     "ignore_sigint",
     "load_rgb",
     "prepare_data",
+    "read_rgb",
     "sample_paths",
     "shard_paths",
     "stratified_split",
@@ -113,6 +121,29 @@ def _to_uint8(img: Image.Image) -> Image.Image:
     return Image.fromarray(arr, mode="L")
 
 
+def read_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> tuple[Image.Image, str]:
+    """:func:`load_rgb` and the SHA-256 (hex) of the file's bytes: the file is read once, hashed, then decoded from
+    those same bytes, so the hash names exactly what was measured."""
+    data = Path(path).read_bytes()
+    return _decode_rgb(_NamedBytes(data, str(path)), draft_size), hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 (hex) of a file's bytes: what :func:`read_rgb` returns beside the decoded image."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class _NamedBytes(io.BytesIO):
+    """A file's bytes in memory that PIL's messages still name by the file's path."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return repr(self.name)
+
+
 def load_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode an image to 8-bit RGB: EXIF orientation applied; L, LA, P, RGBA, CMYK, YCbCr, 16-bit and float
     images converted; the first frame of an animation. ``draft_size`` lets a JPEG decode at a reduced
@@ -122,9 +153,13 @@ def load_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Ima
     PIL's warnings while decoding (a large image, odd EXIF or palette data) are silenced: the image either decodes
     or raises, and an image over PIL's hard limit raises ``DecompressionBombError`` (skipped and listed by ``measure``).
     """
+    return _decode_rgb(path, draft_size)
+
+
+def _decode_rgb(source: str | Path | io.BytesIO, draft_size: tuple[int, int] | None) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             if draft_size is not None and im.format == "JPEG":
                 im.draft("RGB", draft_size)
             im.load()
@@ -137,37 +172,53 @@ def load_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Ima
 
 
 class ImagePathDataset(Dataset):
-    """Paths -> ``(tensor or None, index, error or None)``; a file that fails to decode is reported, not raised."""
+    """Paths -> ``(tensor or None, index, error or None)``; a file that fails to decode is reported, not raised.
+
+    With ``digests``, items are ``(tensor or None, index, error or None, sha256 or None)``: the SHA-256 of the bytes
+    that were decoded (:func:`read_rgb`), ``None`` for a file that failed.
+    """
 
     def __init__(
         self,
         paths: Sequence[Path],
         transform: Callable[[Image.Image], torch.Tensor],
         draft_size: tuple[int, int] | None = None,
+        digests: bool = False,
     ) -> None:
         self.paths = list(paths)
         self.transform = transform
         self.draft_size = draft_size
+        self.digests = digests
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
+    def __getitem__(self, index: int) -> tuple:
+        digest = None
         try:
-            return self.transform(load_rgb(self.paths[index], self.draft_size)), index, None
+            path = self.paths[index]
+            image, digest = read_rgb(path, self.draft_size) if self.digests else (load_rgb(path, self.draft_size), None)
+            item: tuple = (self.transform(image), index, None)
         except Exception as e:  # a corrupt file must not stall the run: report it
-            return None, index, f"{type(e).__name__}: {e}"
+            item, digest = (None, index, f"{type(e).__name__}: {e}"), None
+        return (*item, digest) if self.digests else item
 
 
 ImageBatch = tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]
+"""``(images or None, their indices, [(index, error), ...])``; a loader built with ``digests=True`` adds a fourth
+element: the SHA-256 of each decoded image, in the order of the indices."""
 
 
-def collate_images(items: list[tuple[torch.Tensor | None, int, str | None]]) -> ImageBatch:
-    """Stack the decoded images; return ``(images or None, their indices, [(index, error), ...])``."""
-    good = [(x, i) for x, i, err in items if err is None and x is not None]
-    bad = [(i, err) for _x, i, err in items if err is not None]
-    images = torch.stack([x for x, _ in good]) if good else None
-    return images, [i for _, i in good], bad
+def collate_images(items: list[tuple]) -> tuple:
+    """Stack the decoded images; return ``(images or None, their indices, [(index, error), ...])``, plus the decoded
+    images' SHA-256 digests when the items carry them (:class:`ImagePathDataset` with ``digests``)."""
+    good = [(item[0], item[1], item[3:]) for item in items if item[2] is None and item[0] is not None]
+    bad = [(item[1], item[2]) for item in items if item[2] is not None]
+    images = torch.stack([x for x, _, _ in good]) if good else None
+    batch = (images, [i for _, i, _ in good], bad)
+    if items and len(items[0]) > 3:
+        return (*batch, [d[0] for _, _, d in good])
+    return batch
 
 
 def build_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
@@ -191,9 +242,13 @@ def build_loader(
     workers: int = 0,
     pin_memory: bool = False,
     draft: bool = True,
+    digests: bool = False,
 ) -> DataLoader:
-    """Stream ``paths`` in order through the model's eval transform, in batches."""
-    dataset = ImagePathDataset(paths, build_transform(data_config), draft_size_for(data_config) if draft else None)
+    """Stream ``paths`` in order through the model's eval transform, in batches of :data:`ImageBatch`; with
+    ``digests``, each batch also carries the SHA-256 of every decoded image's file (read once, while decoding)."""
+    dataset = ImagePathDataset(
+        paths, build_transform(data_config), draft_size_for(data_config) if draft else None, digests
+    )
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -144,7 +144,9 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 def read_layers(source: str | Path) -> pd.DataFrame:
-    """``layers.csv`` of a run folder (or the CSV itself), validated against :data:`LAYER_COLUMNS`."""
+    """``layers.csv`` of a run folder (or the CSV itself), with the columns of :data:`LAYER_COLUMNS` (only the columns
+    are checked here: :func:`~oversmooth_cli.gate.runs.load_run` checks every value against the run-file schema,
+    :mod:`oversmooth_cli.gate.schema`)."""
     path = Path(source)
     if path.is_dir():
         path = path / "layers.csv"

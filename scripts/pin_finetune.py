@@ -37,7 +37,7 @@ def run(out: Path, repo: Path) -> int:
 
 
 def compare(a: Path, b: Path) -> int:
-    """0 when every checkpoint tensor and every CSV value of run ``a`` equals run ``b``'s, else 1 (differences listed)."""
+    """0 when every checkpoint tensor and CSV value of run ``a`` equals run ``b``'s, else 1 (lists what differs)."""
     import pandas as pd
     import torch
     from safetensors.torch import load_file

@@ -94,3 +94,29 @@ def test_sample_is_reproducible_and_sharding_is_a_partition(tmp_path):
     shards = [shard_paths(paths, r, 3) for r in range(3)]
     assert sorted(p for s in shards for p in s) == sorted(paths)
     assert sum(len(s) for s in shards) == len(paths)
+
+
+def test_loader_digests_are_the_decoded_files_bytes(few_images):
+    """With ``digests``, each batch carries the SHA-256 of every decoded image, read once with it; a file that fails
+    to decode has none. Without, batches keep their three parts (the monitor and the benchmarks unpack three)."""
+    import hashlib
+
+    from oversmooth_cli.data import file_digest, read_rgb
+
+    bad = few_images / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    paths = find_images(few_images)
+    batches = list(build_loader(paths, CFG, batch_size=2, digests=True))
+    assert all(len(b) == 4 for b in batches)
+    got = {paths[i].name: d for _, indices, _, digests in batches for i, d in zip(indices, digests, strict=True)}
+    assert "broken.png" not in got and len(got) == len(paths) - 1
+    for p in paths:
+        if p.name in got:
+            assert got[p.name] == hashlib.sha256(p.read_bytes()).hexdigest() == file_digest(p)
+    good = few_images / "camera.png"
+    image, digest = read_rgb(good)
+    assert digest == file_digest(good) and image.mode == "RGB"
+    assert np.array_equal(np.asarray(image), np.asarray(load_rgb(good)))
+    assert all(len(b) == 3 for b in build_loader(paths, CFG, batch_size=2))
+    failures = [f for b in batches for f in b[2]]
+    assert [paths[i].name for i, _ in failures] == ["broken.png"]

@@ -5,6 +5,7 @@ input: one line on stderr saying what is wrong and how to fix it, 3 a bug, 130 i
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import difflib
 import functools
@@ -12,7 +13,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -27,10 +28,19 @@ from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, UserError
 
 try:  # typer >= 0.26 runs on its own copy of click
     from typer._click import exceptions as _click_errors
+    from typer._click.core import ParameterSource as _ParameterSource
+    from typer._click.globals import get_current_context as _current_context
 except ImportError:  # pragma: no cover - older typer runs on click itself
     from click import exceptions as _click_errors  # type: ignore[no-redef]
+    from click.core import ParameterSource as _ParameterSource  # type: ignore[assignment]
+    from click.globals import get_current_context as _current_context  # type: ignore[no-redef]
 
-__all__ = ["app"]
+__all__ = ["OptionError", "app"]
+
+
+class OptionError(UserError):
+    """A usage error found after the options were parsed (a value out of range, an unknown metric or device, a
+    malformed ``--model-arg``): one line with the "Try 'oversmooth CMD --help'." hint, exit 2."""
 
 
 COMMAND_ORDER = ("measure", "check", "compare", "baseline", "finetune", "models")
@@ -60,12 +70,40 @@ def _usage_error(e: Any) -> NoReturn:
         message = f"No such option: {e.option_name}" + (f" (did you mean {', '.join(close)}?)" if close else "")
     else:
         message = e.format_message().replace("Value error, ", "")
-    if e.ctx is not None:
-        where = e.ctx.command_path
-    else:  # an error found before the command's context exists: name the command typed
-        where = " ".join(["oversmooth", *[a for a in _ARGV if a in app_commands()][:1]])
-    _error_line(f"{one_line(message).rstrip('.')}. Try '{where} --help'.")
+    where = e.ctx.command_path if e.ctx is not None else _typed_command()
+    _error_line(_with_hint(one_line(message), where))
     raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _typed_command() -> str:
+    """``oversmooth <the command typed>``: where a usage error found outside click's context points for help."""
+    return " ".join(["oversmooth", *[a for a in _ARGV if a in app_commands()][:1]])
+
+
+def _with_hint(message: str, where: str) -> str:
+    return f"{message.rstrip('.')}. Try '{where} --help'."
+
+
+@contextlib.contextmanager
+def option_checks() -> Iterator[None]:
+    """A :class:`~oversmooth_cli.errors.UserError` raised inside checks the parsed options: it becomes an
+    :class:`OptionError` (one line with the "Try ... --help" hint)."""
+    try:
+        yield
+    except OptionError:
+        raise
+    except UserError as e:
+        raise OptionError(str(e)) from None
+
+
+def given_options() -> set[str]:
+    """The parameter names of the running command that the command line (or the environment) set, not defaults."""
+    try:
+        ctx = _current_context()
+    except RuntimeError:  # called outside a command (a test calling the function itself)
+        return set()
+    given = (_ParameterSource.COMMANDLINE, _ParameterSource.ENVIRONMENT)
+    return {p.name for p in ctx.command.params if p.name and ctx.get_parameter_source(p.name) in given}
 
 
 def app_commands() -> list[str]:
@@ -185,6 +223,9 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except OptionError as e:
+            _error_line(_with_hint(one_line(str(e)), _typed_command()))
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         except UserError as e:
             _error_line(one_line(str(e)))
             raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -237,7 +278,10 @@ def _root(
 
 
 def _is_main() -> bool:
-    """Rank 0, or the only process (torch is imported only when a process group may exist)."""
+    """Rank 0, or the only process: torchrun's ``RANK`` says it before the process group is joined (torch is imported
+    only when a process group may exist)."""
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        return False
     if "torch.distributed" not in sys.modules:
         return True
     from ..runtime import is_main
@@ -245,9 +289,32 @@ def _is_main() -> bool:
     return is_main()
 
 
+class _LazyProgress(Progress):
+    """A progress display that starts with its first task: an error raised before any task leaves nothing on the
+    terminal (a started display that is not a terminal writes a blank line when it stops)."""
+
+    _wanted = _live = False
+
+    def start(self) -> None:
+        self._wanted = True
+
+    def add_task(self, *args: Any, **kwargs: Any) -> Any:
+        if self._wanted and not self._live:
+            self._live = True
+            super().start()
+        return super().add_task(*args, **kwargs)
+
+    def stop(self) -> None:
+        self._wanted = False
+        if self._live:
+            self._live = False
+            super().stop()
+
+
 def make_progress(disable: bool, unit: str = "images") -> Progress:
-    """A rich progress bar on stderr with throughput; silent when ``disable`` or on a non-main rank."""
-    return Progress(
+    """A rich progress bar on stderr with throughput; silent when ``disable`` or on a non-main rank; nothing is drawn
+    before the first task."""
+    return _LazyProgress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -15,7 +16,18 @@ from rich.table import Table
 from ..errors import UserError
 from ..measuring.config import LoadOptions, MeasureConfig
 from ..training.config import FinetuneConfig
-from .app import _is_main, command, command_line, default_out, err_console, make_progress, out_console
+from .app import (
+    OptionError,
+    _is_main,
+    command,
+    command_line,
+    default_out,
+    err_console,
+    given_options,
+    make_progress,
+    option_checks,
+    out_console,
+)
 from .options import DeviceOpt, ModelArg, QuietOpt, WorkersOpt, config_options
 
 
@@ -76,15 +88,26 @@ class FinetuneRun:
         )
 
 
+_MODEL_HELP = cast(Any, ModelArg).__metadata__[0].help
+
+
 @command("finetune")
 @config_options(FinetuneConfig, into="config")
 @config_options(LoadOptions, into="loading")
 @config_options(FinetuneRun, into="run")
 def finetune_cmd(
-    model: ModelArg,
+    model: Annotated[
+        str | None,
+        typer.Argument(help=f"{_MODEL_HELP} With --resume: the run's (may be left out).", show_default=False),
+    ] = None,
     train_dir: Annotated[
-        Path, typer.Argument(help="Training images, one sub-folder per class (ImageFolder layout).", show_default=False)
-    ],
+        Path | None,
+        typer.Argument(
+            help="Training images, one sub-folder per class (ImageFolder layout). With --resume: the run's (may be "
+            "left out).",
+            show_default=False,
+        ),
+    ] = None,
     val_dir: Annotated[
         Path | None, typer.Option("--val-dir", help="Validation images with the same class sub-folders.")
     ] = None,
@@ -100,24 +123,38 @@ def finetune_cmd(
     **checkpoint-last/best.safetensors** + **config.json** (`oversmooth measure OUT` loads the best),
     **train_state.pt** (for --resume), **history.csv**, **before/** and **after/** (measure runs on the validation
     images), **compare.png** and **training.png**, **monitor.csv** and **monitor.png** (over-smoothing on the
-    validation images while training, --monitor-every). Ctrl-C saves a resumable checkpoint.
+    validation images while training, --monitor-every). Ctrl-C saves a resumable checkpoint;
+    `oversmooth finetune --resume OUT` continues it with the model, folders and options saved there.
 
     Several GPUs: `torchrun --nproc_per_node=N -m oversmooth_cli finetune ...`.
 
     Example: `oversmooth finetune examples/digits-vit data/train --val-dir data/val --loss cos,cons,token`
     """
+    from ..runtime import resolve_device
+    from ..training.config import validate_config
     from ..training.finetune import RunHooks, finetune
 
     out, resume = run.out, run.resume
+    with option_checks():  # what the library would refuse later, refused now with the usage hint
+        if resume is None:
+            missing = [name for name, value in (("MODEL", model), ("TRAIN_DIR", train_dir)) if value is None]
+            if missing:
+                raise OptionError(f"Missing argument '{missing[0]}' (--resume OUT alone continues a saved run)")
+            validate_config(config, needs_val_split=val_dir is None)
+        resolve_device(run.device)
     if resume is not None and out is not None and out.resolve() != resume.resolve():
         raise UserError(f"--resume {resume} continues the run in that folder; drop --out {out} or make them equal")
+    if resume is not None:
+        saved = _saved_run(resume, given_options(), model, train_dir, val_dir, config, loading)
+        model, train_dir, val_dir, config, loading = saved
+    model, train_dir = cast(str, model), cast(Path, train_dir)
     if resume is None:
         base = default_out(model)
         out = out or base.parent / f"finetune-{base.name}"
-    say = (lambda msg: err_console.print(f"[cyan]Note:[/] {escape(msg)}", highlight=False)) if not quiet else None
+    notes = _Notes(quiet)
     with make_progress(quiet, unit="steps") as progress:
-        on_step, on_epoch = _training_callbacks(progress, config.epochs, quiet)
-        hooks = RunHooks(on_step, on_epoch, say if _is_main() else None, command_line())
+        on_step, on_epoch = _training_callbacks(progress, config.epochs, quiet, notes)
+        hooks = RunHooks(on_step, on_epoch, notes.add, command_line())
         result = finetune(
             model,
             train_dir,
@@ -128,20 +165,97 @@ def finetune_cmd(
             run=run.options(),
             hooks=hooks,
         )
-    _finish_finetune(result, run.control, quiet)
+        notes.flush()
+    _finish_finetune(result, run, quiet)
 
 
-def _training_callbacks(progress: Progress, epochs: int, quiet: bool) -> tuple[Callable, Callable]:
-    """``on_step`` (one progress task per epoch, running loss terms) and ``on_epoch`` (one line per epoch)."""
+class _Notes:
+    """The run's notes for the user, printed on rank 0 once training is under way (the first progress report, or the
+    end of the run): a run refused while it is set up shows its one error line and nothing before it."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.held = quiet, cast(list[str], [])
+
+    def add(self, message: str) -> None:
+        self.held.append(message)
+
+    def flush(self) -> None:
+        held, self.held = self.held, []
+        if self.quiet or not _is_main():
+            return
+        for message in held:
+            err_console.print(f"[cyan]Note:[/] {escape(message)}", highlight=False)
+
+
+def _saved_run(
+    out: Path,
+    given: set[str],
+    model: str | None,
+    train_dir: Path | None,
+    val_dir: Path | None,
+    config: FinetuneConfig,
+    loading: LoadOptions,
+) -> tuple[str, Path, Path | None, FinetuneConfig, LoadOptions]:
+    """The model, folders, training options and model options saved in the run ``out`` (``--resume OUT`` alone);
+    the ones given on the command line must equal them.
+
+    Raises:
+        UserError: one line naming the first given option that differs from the saved run.
+    """
+    from ..training.state import first_difference, load_train_state
+
+    saved = load_train_state(out)["run"]
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    saved_config = {k: v for k, v in saved["config"].items() if k in known}
+    typed = dataclasses.asdict(config)
+    current = {
+        **saved,
+        "config": {**saved_config, **{k: typed[k] for k in known & given}},
+        **{k: getattr(loading, k) for k in ("arch", "pretrained") if k in given},
+    }
+    if "model_args" in given:
+        current["model_args"] = dict(loading.model_args or {})
+    if model is not None and not _same_path(model, saved["model"]):
+        current["model"] = model
+    for key, folder in (("train_dir", train_dir), ("val_dir", val_dir)):
+        if folder is not None:
+            current[key] = str(folder.expanduser().resolve())
+    diff = first_difference(saved, current)
+    if diff is not None:
+        raise UserError(
+            f"--resume {out}: {diff}; drop it (--resume {out} alone continues with the run's model, folders and "
+            "options) or start a new run with another --out"
+        )
+    saved_config["losses"] = tuple(saved_config.get("losses", ()))
+    load = dataclasses.replace(
+        loading, arch=saved["arch"], pretrained=saved["pretrained"], model_args=dict(saved["model_args"] or {})
+    )
+    val = Path(saved["val_dir"]) if saved["val_dir"] is not None else None
+    return saved["model"], Path(saved["train_dir"]), val, FinetuneConfig(**saved_config), load
+
+
+def _same_path(a: str, b: str) -> bool:
+    """The same model spec: equal text, or two spellings of one existing path."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def _training_callbacks(progress: Progress, epochs: int, quiet: bool, notes: _Notes) -> tuple[Callable, Callable]:
+    """``on_step`` (one progress task per epoch, running loss terms) and ``on_epoch`` (one line per epoch); the first
+    of them prints the notes held so far."""
     tasks: dict[int, Any] = {}
 
     def on_step(info: Any) -> None:
+        notes.flush()
         if info.epoch not in tasks:
             tasks[info.epoch] = progress.add_task(f"epoch {info.epoch}/{info.epochs}", total=info.steps, rate="")
         terms = "  ".join(f"{k} {v:.4f}" for k, v in info.running.items())
         progress.update(tasks[info.epoch], completed=info.step, rate=terms)
 
     def on_epoch(row: dict[str, Any]) -> None:
+        notes.flush()
         if tasks.get(row["epoch"]) is not None:
             progress.remove_task(tasks.pop(row["epoch"]))
         if quiet or not _is_main():
@@ -156,7 +270,22 @@ def _training_callbacks(progress: Progress, epochs: int, quiet: bool) -> tuple[C
     return on_step, on_epoch
 
 
-def _finish_finetune(result: Any, control: bool, quiet: bool) -> None:
+def resume_command(out: Path, run: FinetuneRun) -> str:
+    """The command that continues an interrupted run as typed: ``oversmooth finetune --resume OUT`` and the options
+    of how it runs that differ from their defaults (the model, folders and training options are in ``OUT``)."""
+    words = ["oversmooth", "finetune", "--resume", str(out)]
+    default = FinetuneRun()
+    if run.device != default.device:
+        words += ["--device", run.device]
+    if run.workers != default.workers:
+        words += ["--workers", str(run.workers)]
+    if run.monitor_every is not None:
+        words += ["--monitor-every", str(run.monitor_every)]
+    words += [flag for flag, on in (("--control", run.control), ("--tensorboard", run.tensorboard)) if on]
+    return shlex.join(words)
+
+
+def _finish_finetune(result: Any, run: FinetuneRun, quiet: bool) -> None:
     """Print a finished (or interrupted: exit 130) fine-tuning run: before/after lines, the side-by-side table."""
     if not _is_main():
         if result.interrupted:
@@ -166,10 +295,9 @@ def _finish_finetune(result: Any, control: bool, quiet: bool) -> None:
     if result.interrupted:
         epoch, step = result.stopped_at
         arm = " (control arm)" if result.control is not None and result.control.interrupted else ""
-        again = " --control" if control else ""
         err_console.print(
             f"[yellow]Interrupted[/] at epoch {epoch}, step {step}{arm}: saved a resumable checkpoint; "
-            f"continue with --resume {target}{again}",
+            f"continue with: {escape(resume_command(result.out, run))}",
             highlight=False,
         )
         raise typer.Exit(130)

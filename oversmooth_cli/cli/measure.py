@@ -20,6 +20,7 @@ from .app import (
     err_console,
     make_progress,
     one_line,
+    option_checks,
     out_console,
     progress_callback,
 )
@@ -120,9 +121,16 @@ def measure_cmd(
     Example: `oversmooth measure examples/digits-vit examples/images --out runs/digits`
     """
     from ..io import check_out_dir
+    from ..measuring.config import validate_measure_config
     from ..measuring.run import measure
     from ..measuring.summary import write_run
+    from ..metrics.registry import parse_metrics
+    from ..runtime import resolve_device
 
+    with option_checks():  # what the library would refuse later, refused now with the usage hint
+        validate_measure_config(config)
+        parse_metrics(config.metrics)
+        resolve_device(config.device)
     out, overwrite = folder.out or default_out(model), folder.overwrite
     check_out_dir(out, overwrite)
     gate = check.gate(baseline) if baseline else None

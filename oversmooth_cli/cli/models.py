@@ -18,13 +18,15 @@ def models_cmd(
         str, typer.Argument(help="Architecture name or wildcard pattern (e.g. 'swin*', '*distilled*').")
     ] = "*",
 ) -> None:
-    """List the timm architectures matching PATTERN and, for each family, which metrics are measured.
+    """List the timm architectures matching PATTERN and, for each, whether and where metrics are measured.
 
     Token metrics (token_cosine...) and attention metrics (attention_std...) apply at every layer, at some layers
-    (e.g. only the class-attention blocks of XCiT), or not at all; docs/compatibility.md has the full table.
+    (e.g. only the class-attention blocks of XCiT), or not at all; docs/compatibility.md has the full table. Where the
+    models of one family differ (convolution-only MobileNetV3s beside hybrid MobileNetV4s, ByobNet), each is built
+    on the meta device (no weights) to tell.
     Example: `oversmooth models 'swin*'`
     """
-    from ..reading.registry import architecture_families, family_support
+    from ..reading.registry import architecture_families, architecture_support, family_support
 
     rows = architecture_families(pattern)
     if not rows:
@@ -33,9 +35,14 @@ def models_cmd(
     table = Table(title=f"{len(rows)} timm architecture(s) matching {pattern!r}", title_justify="left")
     for column in ("architecture", "family", "status", "token metrics", "attention metrics"):
         table.add_column(column)
+    own: list[tuple[str, str]] = []  # (architecture, why) where it is not measured for reasons of its own
     for name, family in rows:
-        s = support[family]
+        s = architecture_support(name, family)
         table.add_row(name, family, s.status, s.tokens, s.attention)
+        if s.status != "measured" and s.note != support[family].note:
+            own.append((name, s.note))
     out_console.print(table)
     for s in support.values():
-        out_console.print(f"[bold]{escape(s.family)}[/] ({s.status}): {escape(s.note)}", highlight=False)
+        out_console.print(f"[bold]{escape(s.family)}[/]: {escape(s.note)}", highlight=False)
+    for name, note in own:
+        out_console.print(f"[bold]{escape(name)}[/]: {escape(note)}", highlight=False)

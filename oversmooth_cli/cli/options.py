@@ -15,7 +15,7 @@ import typer
 
 from ..gate.selection import DIRECTIONS
 from ..measuring.config import MeasureConfig
-from .app import F
+from .app import F, option_checks
 
 __all__ = [
     "AllowOtherImagesOpt",
@@ -188,7 +188,8 @@ def config_options(config_cls: type, into: str) -> Callable[[F], F]:
 
         @functools.wraps(fn)
         def with_config(**kwargs: Any) -> Any:
-            values = {f.name: _from_option(f, kwargs) for f in fields}
+            with option_checks():  # a value its parser refuses (--model-arg oops, --loss foo) is a usage error
+                values = {f.name: _from_option(f, kwargs) for f in fields}
             return fn(**kwargs, **{into: config_cls(**values)})
 
         with_config.__signature__ = inspect.Signature([*params[:at], *options, *params[at + 1 :]])  # type: ignore[attr-defined]
@@ -234,7 +235,11 @@ class GateOptions:
     def gate(self, baseline: Path, metrics: list[str] | None = None) -> Any:
         """The :class:`~oversmooth_cli.gate.check.CheckGate` these options describe (baseline loaded, layers parsed)."""
         from ..gate.check import CheckGate
+        from ..gate.selection import parse_layers
         from ..gate.tolerances import tolerance_from_options
 
-        tolerance = tolerance_from_options(self.atol, self.rtol, self.sigma, self.direction)
+        with option_checks():  # a malformed --atol / --rtol / --layers is a usage error (the runs are read next)
+            tolerance = tolerance_from_options(self.atol, self.rtol, self.sigma, self.direction)
+            if self.layers is not None:
+                parse_layers(self.layers)
         return CheckGate.prepare(baseline, tolerance, metrics, self.layers, self.allow_other_images)

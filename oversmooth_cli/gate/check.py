@@ -3,7 +3,15 @@
 For every selected ``(metric, layer)`` the difference ``current - baseline`` of the per-layer means is compared
 with a tolerance band::
 
-    allowed = atol + rtol * |baseline| + sigma * sqrt(se_baseline^2 + se_current^2),  se = std / sqrt(n_images)
+    allowed = atol + rtol * |baseline| + t_sigma * sqrt(se_baseline^2 + se_current^2),  se = std / sqrt(n_images)
+
+``sigma`` counts standard errors of the difference, and at small image counts a normal band of ``sigma`` standard
+errors covers less than it claims. So ``t_sigma`` is the Student-t multiplier with the same coverage as ``± sigma``
+under the normal distribution (:func:`~oversmooth_cli.metrics.intervals.t_multiplier`), at the Welch-Satterthwaite
+degrees of freedom of the two means, ``(se_b^2 + se_c^2)^2 / (se_b^4 / (n_b - 1) + se_c^4 / (n_c - 1))``: with 4
+images on each side and equal spread (6 degrees of freedom) ``sigma 2`` widens to 2.52 standard errors; with many
+images ``t_sigma`` is ``sigma``. A side measured on one image has no standard error (no spread to estimate): it adds
+nothing to the band, and the check's notes say so when ``sigma`` is set.
 
 ``atol`` and ``rtol`` are per metric: the registry holds a default for each (:attr:`MetricDef.atol
 <oversmooth_cli.metrics.registry.MetricDef>`, set from the metric's scale), ``Tolerance(atol=...)`` sets one value for
@@ -25,6 +33,7 @@ and ``measure --baseline`` all go through it. The command line is a thin wrapper
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +42,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..metrics.intervals import t_multiplier
 from .comparable import validate_comparable
 from .reports import write_outputs
 from .runs import Run, load_run
 from .selection import DIRECTIONS, _layer_list, format_layers
 from .tolerances import Tolerance, smoothing_sign
 
-__all__ = ["CHECK_COLUMNS", "CheckGate", "CheckResult", "check_runs", "compare_checked"]
+__all__ = ["CHECK_COLUMNS", "CheckGate", "CheckResult", "check_runs", "compare_checked", "sigma_multipliers"]
 
 
 CHECK_COLUMNS = [
@@ -61,8 +71,28 @@ CHECK_COLUMNS = [
 
 
 def _standard_error(std: pd.Series, n: pd.Series) -> pd.Series:
-    se = std.astype(float) / np.sqrt(n.astype(float).where(n > 0))
+    se = std.astype(float) / np.sqrt(n.astype(float).where(n > 1))
     return se.fillna(0.0)
+
+
+def _welch_df(se_b: float, se_c: float, n_b: float, n_c: float) -> float:
+    """Welch-Satterthwaite degrees of freedom of a difference of two means (sides without a standard error left
+    out); ``inf`` when neither side has one (the sigma term is then 0 whatever the multiplier)."""
+    parts = [(se**2, n - 1.0) for se, n in ((se_b, n_b), (se_c, n_c)) if n > 1 and se > 0]
+    if not parts:
+        return math.inf
+    return sum(v for v, _ in parts) ** 2 / sum(v**2 / df for v, df in parts)
+
+
+def sigma_multipliers(sigma: float, rows: pd.DataFrame) -> pd.Series:
+    """``t_sigma`` per row of a check table (columns ``se_baseline``, ``se_current``, ``n_baseline``,
+    ``n_current``): the Student-t multiplier with the normal coverage of ``± sigma`` (see the module docstring)."""
+    cols = ("se_baseline", "se_current", "n_baseline", "n_current")
+    return pd.Series(
+        [t_multiplier(sigma, _welch_df(*(float(r[c]) for c in cols))) for _, r in rows.iterrows()],
+        index=rows.index,
+        dtype=float,
+    )
 
 
 def compare_checked(
@@ -87,13 +117,14 @@ def compare_checked(
     out["diff"] = out["current"] - out["baseline"]
     out["se_baseline"] = _standard_error(df["std_b"], df["n_images_b"])
     out["se_current"] = _standard_error(df["std_c"], df["n_images_c"])
+    out["n_baseline"] = df["n_images_b"].astype(int)
+    out["n_current"] = df["n_images_c"].astype(int)
     per_metric = tolerance.per_metric(metrics)
     atol = out["metric"].map({m: a for m, (a, _) in per_metric.items()}).astype(float)
     rtol = out["metric"].map({m: r for m, (_, r) in per_metric.items()}).astype(float)
+    t_sigma = sigma_multipliers(tolerance.sigma, out) if tolerance.sigma > 0 else 0.0
     out["allowed"] = (
-        atol
-        + rtol * out["baseline"].abs()
-        + tolerance.sigma * np.sqrt(out["se_baseline"] ** 2 + out["se_current"] ** 2)
+        atol + rtol * out["baseline"].abs() + t_sigma * np.sqrt(out["se_baseline"] ** 2 + out["se_current"] ** 2)
     )
     # Signs of the value changes that fail: +1 = a rise, -1 = a fall, per metric.
     signs = {m: {smoothing_sign(m, tolerance.direction) * d for d in DIRECTIONS[tolerance.direction]} for m in metrics}
@@ -105,8 +136,6 @@ def compare_checked(
     fall_ok = ~checks_fall | (-out["diff"] <= out["allowed"])
     both_undefined = out["baseline"].isna() & out["current"].isna()
     out["passed"] = (rise_ok & fall_ok & out["diff"].notna()) | both_undefined
-    out["n_baseline"] = df["n_images_b"].astype(int)
-    out["n_current"] = df["n_images_c"].astype(int)
     return out[CHECK_COLUMNS].reset_index(drop=True)
 
 
@@ -222,6 +251,11 @@ def check_runs(
             f"{', '.join(unused)} not used: {'that metric is' if len(unused) == 1 else 'those metrics are'} not checked"
         )
     rows = compare_checked(b, c, tolerance, selected, layer_list)
+    single = [name for name, n in (("baseline", rows["n_baseline"]), ("current", rows["n_current"])) if (n < 2).any()]
+    if tolerance.sigma > 0 and single:
+        notes.append(
+            f"--sigma adds nothing for {' and '.join(single)}: one image has no standard error (measure more images)"
+        )
     return CheckResult(rows, b, c, tolerance, notes)
 
 

@@ -3,6 +3,7 @@ comparability rule of ``check`` and ``compare``)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,7 +41,8 @@ def validate_definitions(
     and ``compare``. It compares the runs' recorded definitions (:attr:`Run.definitions`): ``metrics_version``;
     each metric of ``metrics`` that both runs have (its definition, token set, e.g. patch tokens only vs
     ``--include-prefix``, and layers); the model input size and the patch tokens per layer; the image set (count
-    and hash of the relative paths). The attention tap is recorded but not compared (the taps agree to 1e-5).
+    and hash of the images' contents: the same files under other names or folders are the same set). The attention
+    tap is recorded but not compared (the taps agree to 1e-5).
 
     Args:
         a, b: the two runs (baseline and current for a check).
@@ -135,25 +137,45 @@ def _check_geometry(da: Mapping[str, Any], db: Mapping[str, Any], names: tuple[s
 def _check_image_set(
     da: Mapping[str, Any], db: Mapping[str, Any], names: tuple[str, str], allow_other_images: bool
 ) -> tuple[bool, list[str]]:
-    """Refuse another image set unless ``allow_other_images``; returns whether the sets were compared, and notes."""
+    """Refuse another image set unless ``allow_other_images``; returns whether the sets were compared, and notes.
+
+    Sets are known by content (:func:`~oversmooth_cli.measuring.summary.describe_image_set`): the same bytes under
+    other names or folders are the same set. A summary that hashed relative paths (``by`` ``"path"``: oversmooth 0.1)
+    cannot be compared with one that hashed contents; that is a note.
+    """
     (na, nb), ia, ib = names, da.get("images"), db.get("images")
     if ia is None or ib is None:
         return False, [
             f"image set not compared: {_sides([(na, ia), (nb, ib)])} no image hash in summary.json "
             "(measured with an older oversmooth)"
         ]
+    if ia.get("by", "path") != ib.get("by", "path"):
+        old = na if ia.get("by", "path") == "path" else nb
+        return False, [
+            f"image set not compared: {old} recorded its images by file name (an older oversmooth), not by content; "
+            f"measure {old} again to compare image sets"
+        ]
     if (ia["count"], ia["sha256"]) == (ib["count"], ib["sha256"]):
         return True, []
     what = (
         f"image sets differ: {na} measured {ia['count']} images (sha256 {ia['sha256'][:12]}), "
-        f"{nb} {ib['count']} (sha256 {ib['sha256'][:12]})"
+        f"{nb} {ib['count']} (sha256 {ib['sha256'][:12]}){_how_many_differ(ia, ib, names)}"
     )
     if not allow_other_images:
         raise UserError(
-            f"{what}; measure the same images (same folder or list, same --limit and --seed) or pass "
-            "--allow-other-images"
+            f"{what}; measure the same images (same files, same --limit and --seed) or pass --allow-other-images"
         )
     return True, [f"{what}; compared anyway (--allow-other-images)"]
+
+
+def _how_many_differ(ia: Mapping[str, Any], ib: Mapping[str, Any], names: tuple[str, str]) -> str:
+    """``": 1 of baseline's images is not in current, 1 of current's not in baseline"`` from the recorded digests."""
+    if not ia.get("digests") or not ib.get("digests"):
+        return ""
+    a, b = Counter(ia["digests"]), Counter(ib["digests"])
+    only_a, only_b = sum((a - b).values()), sum((b - a).values())
+    na, nb = names
+    return f": {only_a} of {na}'s images {'is' if only_a == 1 else 'are'} not in {nb}, {only_b} of {nb}'s not in {na}"
 
 
 def validate_comparable(

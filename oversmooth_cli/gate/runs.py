@@ -1,8 +1,8 @@
-"""Reading a run folder back: :class:`Run` and :func:`load_run` (``layers.csv`` + ``summary.json``)."""
+"""Reading a run folder back: :class:`Run` and :func:`load_run` (``layers.csv``, ``heads.csv`` when present, and
+``summary.json``), every file checked against the run-file schema first (:mod:`.schema`)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,9 +10,9 @@ from typing import Any
 
 import pandas as pd
 
-from ..errors import UserError, first_line
-from ..io import read_layers
+from ..errors import UserError
 from ..metrics.registry import metric_order
+from .schema import read_summary, read_table
 
 __all__ = ["Run", "load_run", "read_definitions"]
 
@@ -20,12 +20,13 @@ __all__ = ["Run", "load_run", "read_definitions"]
 # -- reading a run back ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Run:
-    """One run's per-layer table and (when present) its ``summary.json``."""
+    """One run's per-layer table and (when present) its ``summary.json`` and per-head table."""
 
     source: Path
     layers_csv: Path
     layers: pd.DataFrame = field(repr=False)
     summary: dict[str, Any] | None = field(default=None, repr=False)
+    heads: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
     def folder(self) -> Path:
@@ -75,7 +76,9 @@ def read_definitions(summary: Mapping[str, Any] | None) -> dict[str, Any]:
 
     A summary written before the block existed gives what it recorded elsewhere (``metrics_version``,
     ``run.include_prefix``, ``metrics``, ``data_config.input_size``, ``layer_info``), without ``images``; no summary
-    gives ``{}``. Entries of the wrong type are left out, so they read as not recorded.
+    gives ``{}``. :func:`load_run` refuses a summary whose entries have the wrong type (:mod:`.schema`), so what this
+    reads is either recorded with its type or not recorded at all (entries of the wrong type in a summary that did
+    not go through :func:`~.schema.validate_summary` are left out).
     """
     if not isinstance(summary, Mapping):
         return {}
@@ -112,52 +115,33 @@ def read_definitions(summary: Mapping[str, Any] | None) -> dict[str, Any]:
         out["n_tokens"] = list(raw["n_tokens"])
     images = raw.get("images")
     if isinstance(images, Mapping) and isinstance(images.get("sha256"), str) and isinstance(images.get("count"), int):
-        out["images"] = {"count": images["count"], "sha256": images["sha256"], "relative_to": images.get("relative_to")}
+        out["images"] = {
+            "count": images["count"],
+            "sha256": images["sha256"],
+            "by": images.get("by", "path"),  # before oversmooth hashed contents, it hashed relative paths
+            "digests": list(images["digests"]) if isinstance(images.get("digests"), list) else None,
+        }
     if "attention_tap" in raw:
         out["attention_tap"] = raw["attention_tap"]
     return out
 
 
-def _read_summary(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}; write the run again with `oversmooth measure`") from e
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a JSON object; is it a summary.json from oversmooth?")
-    return data
-
-
 def load_run(source: str | Path) -> Run:
-    """Load a run folder (``layers.csv`` + ``summary.json``) or a ``layers.csv`` (``summary.json`` read beside it).
+    """Load a run folder (``layers.csv`` + ``summary.json``, and ``heads.csv`` when present) or a ``layers.csv``
+    (the other files read beside it), each checked against the run-file schema (:mod:`.schema`).
 
     Raises:
-        UserError: missing path, unreadable or malformed ``layers.csv``, duplicate ``(metric, layer)`` rows.
+        UserError: missing path, unreadable files, or the first entry that breaks the schema (a non-number, a NaN,
+            a layer that is not a whole number, an unknown metric, a value outside its metric's range, repeated
+            rows, a ``summary.json`` entry of the wrong type), in one line naming the file and the entry.
     """
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"{source} does not exist; give a run folder written by `oversmooth measure` or its layers.csv")
     csv = path / "layers.csv" if path.is_dir() else path
-    try:
-        df = read_layers(csv)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {csv} as a layers.csv: {first_line(e)}") from e
-    if df.empty:
-        raise UserError(f"{csv} has no rows; measure the run again with `oversmooth measure`")
-    df = df.copy()
-    for col in ("layer", "mean", "std", "n_images"):
-        converted = pd.to_numeric(df[col], errors="coerce")
-        junk = converted.isna() & (df[col].notna() if col in ("mean", "std") else True)  # an undefined mean is NaN
-        if junk.any():
-            bad = df[col][junk].iloc[0]
-            raise UserError(f"{csv}: column {col} holds non-numbers ({bad!r}); is it a layers.csv from oversmooth?")
-        df[col] = converted
-    df["layer"] = df["layer"].astype(int)
-    df["metric"] = df["metric"].astype(str)
-    dup = df[df.duplicated(["metric", "layer"], keep=False)]
-    if len(dup):
-        first = dup.iloc[0]
-        raise UserError(f"{csv} has several rows for {first['metric']} layer {first['layer']}; one row each expected")
-    return Run(path, csv, df, _read_summary(csv.parent / "summary.json"))
+    if not csv.is_file():
+        raise UserError(f"{source} has no layers.csv (give a run folder written by `oversmooth measure`)")
+    layers = read_table(csv, "layers")
+    heads_csv = csv.parent / "heads.csv"
+    heads = read_table(heads_csv, "heads") if heads_csv.is_file() else None
+    return Run(path, csv, layers, read_summary(csv.parent / "summary.json"), heads)

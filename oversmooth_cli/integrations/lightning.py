@@ -12,12 +12,15 @@ Example::
 The probe is measured before the first step (step 0) and whenever ``trainer.global_step`` (optimizer steps done) is
 a multiple of ``every``; each value is logged as ``oversmooth/<metric>/layer_<NN>`` at that step, through
 ``logger.log_metrics`` of every logger of the trainer (TensorBoard, CSV, W&B, ...). Under a multi-process strategy
-only rank 0 measures and logs, and no collective runs. Needs the ``lightning`` extra (``lightning.pytorch``; the
+only rank 0 measures and logs, and no collective runs. The history is part of the callback's state in Lightning
+checkpoints, so a ``Trainer.fit(..., ckpt_path=...)`` that resumes continues it; a trainer without a logger gets one
+warning (the values are still in ``callback.history``). Needs the ``lightning`` extra (``lightning.pytorch``; the
 older ``pytorch_lightning`` package is used when it is the one installed).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +42,7 @@ except ImportError:
 from ..data import find_images
 from ..errors import UserError
 from ..measuring.config import MeasureConfig
-from ..measuring.monitor import MONITOR_COLUMNS, OnMeasure, OversmoothingMonitor
+from ..measuring.monitor import MONITOR_COLUMNS, MonitorWarning, OnMeasure, OversmoothingMonitor
 from ..metrics.registry import parse_metrics
 from . import metric_key
 
@@ -84,6 +87,8 @@ class OversmoothingCallback(pl.Callback):
         self.model, self.prefix, self.monitor_kwargs = model, prefix, monitor_kwargs
         self.monitor: OversmoothingMonitor | None = None
         self._trainer: pl.Trainer | None = None
+        self._restored: pd.DataFrame | None = None  # the history of a checkpoint, until the monitor exists
+        self._warned_no_logger = False
 
     @property
     def history(self) -> pd.DataFrame:
@@ -105,8 +110,31 @@ class OversmoothingCallback(pl.Callback):
             metric_key(metric, layer, self.prefix): float(mean)
             for metric, layer, mean in rows[["metric", "layer", "mean"]].itertuples(index=False)
         }
-        for logger in self._trainer.loggers if self._trainer is not None else ():
+        loggers = self._trainer.loggers if self._trainer is not None else []
+        if not loggers and not self._warned_no_logger:
+            self._warned_no_logger = True
+            warnings.warn(
+                "OversmoothingCallback: the trainer has no logger (logger=False), so nothing is logged; the values "
+                "are kept in callback.history",
+                MonitorWarning,
+                stacklevel=2,
+            )
+        for logger in loggers:
             logger.log_metrics(values, step=step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history so far, saved in Lightning checkpoints (a resumed ``Trainer.fit`` continues it)."""
+        history = self.history if self.monitor is not None else self._restored
+        records = [] if history is None else history[MONITOR_COLUMNS].to_dict("records")
+        return {"history": records}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the history of a checkpoint (:meth:`state_dict`); the steps it holds are not measured again."""
+        history = pd.DataFrame(state_dict.get("history", []), columns=MONITOR_COLUMNS)
+        if self.monitor is not None:
+            self.monitor.load_history(history)
+        else:
+            self._restored = history
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
@@ -115,6 +143,9 @@ class OversmoothingCallback(pl.Callback):
             sinks: list[OnMeasure] = [self._log, *([extra] if callable(extra) else extra)]
             kwargs = {**self.monitor_kwargs, "on_measure": sinks}
             self.monitor = OversmoothingMonitor(self._model(pl_module), self.probe, self.every, self.config, **kwargs)
+        if self._restored is not None:
+            self.monitor.load_history(self._restored)
+            self._restored = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._monitor().step(trainer.global_step)

@@ -48,7 +48,15 @@ from .config import MeasureConfig
 from .run import measure_batches
 from .summary import layer_table
 
-__all__ = ["MONITOR_COLUMNS", "MonitorWarning", "OversmoothingMonitor", "load_probe", "preserved_state", "unwrap_model"]
+__all__ = [
+    "MONITOR_COLUMNS",
+    "MonitorWarning",
+    "OversmoothingMonitor",
+    "check_probe",
+    "load_probe",
+    "preserved_state",
+    "unwrap_model",
+]
 
 
 MONITOR_COLUMNS = ["step", "layer", "stage", "metric", "mean", "std", "ci95_low", "ci95_high", "n_images"]
@@ -146,6 +154,31 @@ def load_probe(
     return torch.cat(images)
 
 
+def check_probe(model: nn.Module, images: torch.Tensor, data_config: dict[str, Any]) -> None:
+    """Refuse a probe the model cannot take, once, before training: its channels (the data config's), its dtype (the
+    model's parameters'), and its image size and batch (one forward pass of the first image, gradients off, every
+    state the monitor restores restored).
+
+    Raises:
+        UserError: one line saying what does not fit and what the model takes.
+    """
+    name, shape = type(model).__name__, tuple(images.shape)
+    expected = tuple(data_config.get("input_size") or ())
+    takes = f"images of shape (N, {', '.join(map(str, expected))})" if len(expected) == 3 else "its own input size"
+    if len(expected) == 3 and shape[1] != expected[0]:
+        raise UserError(f"the probe has {shape[1]} channels (shape {shape}); {name} takes {takes}")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), images.dtype)
+    if images.dtype != dtype:
+        raise UserError(f"the probe is {images.dtype} but {name} computes in {dtype}; give probe.to({dtype})")
+    try:
+        with preserved_state(model), torch.no_grad():
+            model(images[:1].to(_device(model)))
+    except Exception as e:  # the model's own error: a wrong image size, a batch it cannot take...
+        raise UserError(
+            f"the probe of shape {shape} does not fit {name} ({type(e).__name__}: {first_line(e)[:200]}); give {takes}"
+        ) from e
+
+
 class OversmoothingMonitor:
     """Measures layer-wise over-smoothing on a fixed probe every ``every`` training steps.
 
@@ -172,8 +205,9 @@ class OversmoothingMonitor:
             monitor's own.
 
     Raises:
-        UserError: at construction, for an empty or unreadable probe, an unknown metric, ``every < 1``, or a model
-            family that cannot be measured.
+        UserError: at construction, for an empty or unreadable probe, a probe the model cannot take (channels,
+            dtype, image size: :func:`check_probe`), an unknown metric, ``every < 1``, or a model family that cannot
+            be measured.
 
     Faults never stop training: a metric the model cannot give is left out with one :class:`MonitorWarning` line
     (:attr:`unavailable` says why), and an exception inside :meth:`step` is reported once as a
@@ -210,6 +244,7 @@ class OversmoothingMonitor:
         self.data_config = data_config or resolve_data_config(self.model)
         self.batch_size = batch_size
         self.images = load_probe(probe, self.data_config, batch_size)
+        check_probe(self.model, self.images, self.data_config)
         self.on_measure = [on_measure] if callable(on_measure) else list(on_measure)
         self.unavailable: dict[str, str] = {}
         self.errors: list[tuple[int, str]] = []

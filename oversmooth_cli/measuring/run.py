@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -155,6 +155,15 @@ class _Reader:
     progress: ProgressFn | None
     skipped: list[dict[str, str]] = field(default_factory=list)
     done: int = 0
+    digests: list[str] = field(default_factory=list)
+    """SHA-256 of each image measured by this process, read while decoding it."""
+
+    def strip_digests(self, loader: Iterable[tuple]) -> Iterator[tuple]:
+        """The loader's batches without their image digests (kept in :attr:`digests`), as ``measure_batches`` takes
+        them."""
+        for images, indices, failures, digests in loader:
+            self.digests.extend(digests)
+            yield images, indices, failures
 
     def __call__(self, n: int, failures: list[tuple[int, str]]) -> None:
         for i, err in failures:
@@ -211,10 +220,12 @@ def measure(
     reader = _Reader(
         shard_paths(paths, runtime.rank(), runtime.world_size()), len(paths), config.fail_on_unreadable, progress
     )
-    loader = build_loader(reader.paths, loaded.data_config, batch_size, workers, pin_memory=dev.type == "cuda")
+    loader = build_loader(
+        reader.paths, loaded.data_config, batch_size, workers, pin_memory=dev.type == "cuda", digests=True
+    )
     start = time.perf_counter()
     try:
-        batches = measure_batches(net, loader, dev, replace(config, metrics=metrics), reader)
+        batches = measure_batches(net, reader.strip_digests(loader), dev, replace(config, metrics=metrics), reader)
     except UnsupportedModelError as e:
         raise UserError(str(e)) from e
     if dev.type == "cuda":
@@ -227,10 +238,7 @@ def measure(
     head_df = pd.DataFrame(list(batches.accumulator.head_rows()), columns=HEAD_COLUMNS)
     n_images = batches.accumulator.n_images
     source = f"{len(images)} paths" if isinstance(images, (list, tuple)) else str(images)
-    unread = {s["path"] for s in skipped}
-    image_set = describe_image_set(
-        [p for p in paths if str(p) not in unread], images if isinstance(images, (str, Path)) else None
-    )
+    image_set = describe_image_set([d for part in runtime.all_gather_objects(reader.digests) for d in part])
     counts = {"source": source, "found": len(all_paths), "selected": len(paths), "measured": n_images}
     image_info = {**counts, "skipped": len(skipped), "skipped_files": skipped, "limit": limit, "seed": seed}
     run_info = {

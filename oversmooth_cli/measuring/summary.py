@@ -1,10 +1,14 @@
-"""What a measure run reports: the layer table, ``summary.json`` and the run folder."""
+"""What a measure run reports: the layer table, ``summary.json`` and the run folder.
+
+The files' schema, and what :func:`~oversmooth_cli.gate.runs.load_run` refuses, is in
+:mod:`oversmooth_cli.gate.schema` (and ``docs/run-files.md``); the image set is known by content
+(:func:`describe_image_set`).
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +23,7 @@ from .. import __version__
 from ..errors import UserError
 from ..io import LAYER_COLUMNS, staged_dir, write_json
 from ..metrics.accumulate import OversmoothingAccumulator
+from ..metrics.intervals import INTERVAL
 from ..metrics.registry import (
     METRICS_VERSION,
     describe_metric,
@@ -92,7 +97,8 @@ def build_summary(
     *,
     image_set: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What ``summary.json`` holds: provenance, model, image counts, run settings, metric definitions, curves.
+    """What ``summary.json`` holds: provenance, model, image counts, run settings, metric definitions, curves, and
+    ``interval``: how ``ci95_low`` / ``ci95_high`` were computed (:data:`~oversmooth_cli.metrics.intervals.INTERVAL`).
 
     Its ``definitions`` block gathers everything that changes what a number means (:func:`run_definitions`);
     ``check``, ``compare`` and ``measure --baseline`` compare it and refuse runs whose definitions differ.
@@ -144,6 +150,7 @@ def build_summary(
             for layer in batches.layers
         ],
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
+        "interval": INTERVAL,
         "definitions": run_definitions(loaded, batches, layer_df, include_prefix, image_set),
     }
 
@@ -179,28 +186,30 @@ def run_definitions(
     return out
 
 
-def describe_image_set(paths: Sequence[str | Path], source: str | Path | None = None) -> dict[str, Any]:
-    """The measured images as ``count`` and ``sha256`` (what ``check`` compares) plus ``relative_to`` (for people).
+IMAGE_DIGEST_CHARS = 16
+"""Hex digits of each image's SHA-256 kept in ``definitions.images.digests`` (64 bits: enough to count how many images
+two sets do not share; the set's identity, ``sha256``, uses the full digests)."""
 
-    The hash is the SHA-256 of the images' relative paths, sorted, written with ``/`` and joined by newlines. Paths
-    are taken relative to ``source`` when it is a folder (the image folder given to ``measure``), else to the
-    deepest folder that holds them all (one image, a list file, a Python list of paths): the same images under
-    another checkout path give the same hash, while adding, removing or renaming an image changes it. File
-    contents are not hashed.
+
+def describe_image_set(digests: Sequence[str]) -> dict[str, Any]:
+    """The measured images, known by content: ``count``, ``sha256`` (what ``check`` compares), ``by`` and ``digests``.
+
+    ``digests`` are the SHA-256 hex digests of the measured images' files, as read while decoding them
+    (:func:`~oversmooth_cli.data.read_rgb`; :func:`~oversmooth_cli.data.file_digest` for a file). The set's
+    ``sha256`` is the SHA-256 of those digests, sorted and joined by newlines: the same bytes under other names, in
+    other folders or through a list file give the same set, in any order; one changed byte in one image gives another.
+    An image measured twice (named twice in a list file) counts twice. ``by`` is ``"content"`` (a summary without it
+    hashed relative paths: oversmooth 0.1); ``digests`` keeps the first :data:`IMAGE_DIGEST_CHARS` hex digits of each
+    image's digest, sorted, so a refusal can say how many images differ.
     """
-    absolute = [Path(os.path.abspath(p)) for p in paths]
-    shown: str | Path | None = None
-    if source is not None and Path(source).is_dir():
-        root = Path(os.path.abspath(source))
-        shown = source  # as given: a committed baseline then names no machine's absolute path
-    else:
-        try:
-            root = Path(os.path.commonpath([str(p.parent) for p in absolute])) if absolute else Path()
-        except ValueError:  # different drives: no common folder
-            root = Path()
-    names = sorted((p.relative_to(root) if root.parts else p).as_posix() for p in absolute)
-    digest = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()  # names as on disk
-    return {"count": len(names), "sha256": digest, "relative_to": str(shown if shown is not None else root)}
+    ordered = sorted(str(d).lower() for d in digests)
+    identity = hashlib.sha256("\n".join(ordered).encode("ascii")).hexdigest()
+    return {
+        "count": len(ordered),
+        "sha256": identity,
+        "by": "content",
+        "digests": [d[:IMAGE_DIGEST_CHARS] for d in ordered],
+    }
 
 
 def write_run(result: MeasureResult, out: str | Path, overwrite: bool = False, per_head: bool = False) -> Path:

@@ -2,6 +2,9 @@
 
 Every state is a sum (count, sum, sum of squares in float64), so batches, shards and processes combine exactly and
 memory stays constant in the number of images (torchmetrics' ``add_state(..., dist_reduce_fx="sum")`` pattern).
+
+The 95% interval of a mean over ``N`` images uses Student's t with ``N - 1`` degrees of freedom and is clipped to the
+metric's range (:mod:`~oversmooth_cli.metrics.intervals`); with one image none is claimed (``NaN``).
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from collections.abc import Iterable
 import torch
 
 from .. import runtime
+from .intervals import LEVEL, t_quantile
+from .registry import metric_range
 
 __all__ = ["Z_95", "OversmoothingAccumulator", "RunningMoments"]
 
 
 Z_95 = 1.959963984540054
-"""Two-sided 95% normal quantile used for the confidence interval of a mean over images."""
+"""Two-sided 95% normal quantile: the limit of the Student-t quantile the intervals use as the image count grows."""
 
 
 class RunningMoments:
@@ -64,8 +69,12 @@ class RunningMoments:
         self.sum = flat[1 : 1 + m].reshape(self.shape).clone()
         self.sumsq = flat[1 + m : 1 + 2 * m].reshape(self.shape).clone()
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        """Mean, sample standard deviation over samples and a normal-approximation 95% interval of the mean."""
+    def compute(self, bounds: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
+        """Mean, sample standard deviation over samples and the 95% interval of the mean.
+
+        The interval is ``mean ± t(0.975, n - 1) · std / √n`` (Student's t), clipped to ``bounds`` (the metric's
+        range, :attr:`~oversmooth_cli.metrics.registry.MetricDef.range`); ``NaN`` with one sample (none is claimed).
+        """
         n = self.count
         if n < 1:
             nan = torch.full(self.shape, math.nan, dtype=torch.float64)
@@ -74,11 +83,14 @@ class RunningMoments:
         if n > 1:
             var = ((self.sumsq - n * mean.pow(2)) / (n - 1)).clamp_min(0.0)
             std = var.sqrt()
-            half = Z_95 * std / n.sqrt()
+            half = t_quantile(0.5 + LEVEL / 2, float(n.item()) - 1.0) * std / n.sqrt()
         else:
             std = torch.zeros_like(mean)
             half = torch.full_like(mean, math.nan)
-        return {"mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
+        low, high = mean - half, mean + half
+        if bounds is not None:
+            low, high = low.clamp_min(bounds[0]), high.clamp_max(bounds[1])  # NaN stays NaN
+        return {"mean": mean, "std": std, "ci95_low": low, "ci95_high": high, "n": n}
 
 
 class OversmoothingAccumulator:
@@ -136,9 +148,10 @@ class OversmoothingAccumulator:
             offset += size
 
     def layer_rows(self) -> Iterable[dict]:
-        """One row per ``(layer, metric)`` with mean, std, 95% CI and image count, sorted by metric then layer."""
+        """One row per ``(layer, metric)`` with mean, std, 95% CI (Student's t, clipped to the metric's range) and image
+        count, sorted by metric then layer."""
         for (metric, layer), m in sorted(self.layers.items()):
-            s = m.compute()
+            s = m.compute(metric_range(metric))
             yield {
                 "layer": layer,
                 "metric": metric,
@@ -152,7 +165,7 @@ class OversmoothingAccumulator:
     def head_rows(self) -> Iterable[dict]:
         """One row per ``(layer, metric, head)``."""
         for (metric, layer), m in sorted(self.heads.items()):
-            s = m.compute()
+            s = m.compute(metric_range(metric))
             for h in range(m.shape[0]):
                 yield {
                     "layer": layer,

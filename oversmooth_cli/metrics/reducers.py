@@ -16,10 +16,16 @@ from typing import Any
 
 import torch
 
-from .formulas import attention_row_std, softmax_row_std
+from .formulas import (
+    attention_row_entropy,
+    attention_row_entropy_normalised,
+    attention_row_std,
+    softmax_row_std,
+)
 from .registry import MetricDef
 
 __all__ = [
+    "PROBABILITY_ROW_FORMS",
     "SOFTMAX_ROW_FORMS",
     "TOKEN_FEEDS",
     "RowExtras",
@@ -84,6 +90,14 @@ SOFTMAX_ROW_FORMS: dict[Callable[..., Any], Callable[..., torch.Tensor]] = {
 }
 """Row formulas with a cheaper form for rows known to be softmax output (the ``qk`` and ``inline`` taps compute
 them), equal up to float rounding (``tests/reading/test_attention.py``); the form takes ``out=`` scratch memory."""
+
+
+PROBABILITY_ROW_FORMS: frozenset[Callable[..., Any]] = frozenset(
+    {attention_row_entropy, attention_row_entropy_normalised}
+)
+"""Row formulas defined only for rows that are probability distributions (non-negative, summing to 1): a layer whose
+applied weights are not (talking heads mix the heads' softmax maps after the softmax, with weights of any sign)
+gives them from its softmax maps, or not at all; never from the mixed weights (their logarithm is NaN)."""
 
 
 ScratchView = Callable[[str, tuple[int, ...], torch.device, torch.dtype], torch.Tensor]

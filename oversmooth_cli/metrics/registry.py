@@ -3,6 +3,7 @@ presets, and :func:`parse_metrics`."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "metric_def",
     "metric_label",
     "metric_order",
+    "metric_range",
     "parse_metrics",
     "split_metrics",
 ]
@@ -77,6 +79,9 @@ class MetricDef:
             [0, 1]) get an absolute band, metrics whose scale depends on the model (number of keys or tokens, image
             size) a relative one with a tiny absolute floor. ``--atol`` / ``--rtol`` override them; the README's
             gate section lists the values and the measurements they come from.
+        range: ``(low, high)``, the values the metric can take (``-inf`` / ``inf`` where it has no bound, e.g. an
+            effective rank or an entropy whose maximum depends on the model). Intervals over images are clipped to
+            it, and a ``layers.csv`` or ``heads.csv`` value outside it is refused as unusable input.
     """
 
     name: str
@@ -95,6 +100,7 @@ class MetricDef:
     finish: Callable[..., torch.Tensor] | None = None
     atol: float = 0.01
     rtol: float = 0.0
+    range: tuple[float, float] = (-math.inf, math.inf)
 
 
 TOKEN_METRICS: dict[str, MetricDef] = {
@@ -107,6 +113,7 @@ TOKEN_METRICS: dict[str, MetricDef] = {
         label="token cosine similarity",
         prefix_option=True,
         source="Gong et al. 2021 (Vision Transformers with Patch Diversification), Eq. 2",
+        range=(-1.0, 1.0),
     ),
     "rank_collapse": MetricDef(
         "rank_collapse",
@@ -117,6 +124,7 @@ TOKEN_METRICS: dict[str, MetricDef] = {
         label="rank-collapse residual",
         prefix_option=True,
         source="Dong et al. 2021 (Attention is not all you need: pure attention loses rank); Wang et al. 2022",
+        range=(0.0, 1.0),
     ),
     "effective_rank": MetricDef(
         "effective_rank",
@@ -131,6 +139,7 @@ TOKEN_METRICS: dict[str, MetricDef] = {
         source="Roy and Vetterli 2007 (The effective rank: a measure of effective dimensionality)",
         atol=0.01,
         rtol=0.02,
+        range=(1.0, math.inf),
     ),
     "token_abs_cosine": MetricDef(
         "token_abs_cosine",
@@ -144,6 +153,7 @@ TOKEN_METRICS: dict[str, MetricDef] = {
         prefix_option=True,
         cost="extra",
         source="Wang et al. 2022 (Anti-oversmoothing in deep vision transformers via the Fourier domain), app. F.3",
+        range=(0.0, 1.0),
     ),
     "cls_patch_cosine": MetricDef(
         "cls_patch_cosine",
@@ -157,6 +167,7 @@ TOKEN_METRICS: dict[str, MetricDef] = {
         tokens="class token vs patch tokens",
         uses_prefix=True,
         source="class-token variant of the token cosine of Gong et al. 2021",
+        range=(-1.0, 1.0),
     ),
     "layer_cka": MetricDef(
         "layer_cka",
@@ -170,6 +181,7 @@ TOKEN_METRICS: dict[str, MetricDef] = {
         prefix_option=True,
         cost="extra",
         source="Kornblith et al. 2019 (Similarity of neural network representations revisited)",
+        range=(0.0, 1.0),
     ),
 }
 
@@ -189,6 +201,7 @@ ATTENTION_METRICS: dict[str, MetricDef] = {
         source="Gong et al. 2021 (Vision Transformers with Patch Diversification), Fig. 1",
         atol=1e-6,
         rtol=0.05,
+        range=(0.0, 0.5),
     ),
     "attention_entropy": MetricDef(
         "attention_entropy",
@@ -204,6 +217,7 @@ ATTENTION_METRICS: dict[str, MetricDef] = {
         source="Shannon entropy of attention rows (e.g. Zhai et al. 2023, attention entropy collapse)",
         atol=1e-3,
         rtol=0.01,
+        range=(0.0, math.inf),
     ),
     "attention_entropy_normalised": MetricDef(
         "attention_entropy_normalised",
@@ -217,6 +231,7 @@ ATTENTION_METRICS: dict[str, MetricDef] = {
         tokens="patch queries, all keys (prefix keys included)",
         uses_prefix=True,
         source="Shannon entropy of attention rows, normalised by its maximum log K",
+        range=(0.0, 1.0),
     ),
     "attention_distance": MetricDef(
         "attention_distance",
@@ -232,6 +247,7 @@ ATTENTION_METRICS: dict[str, MetricDef] = {
         source="Dosovitskiy et al. 2021 (An image is worth 16x16 words), Fig. 7 mean attention distance",
         atol=0.01,
         rtol=0.01,
+        range=(0.0, math.inf),
     ),
     "cross_layer_attention_similarity": MetricDef(
         "cross_layer_attention_similarity",
@@ -247,6 +263,7 @@ ATTENTION_METRICS: dict[str, MetricDef] = {
         cost="extra",
         source="Zhou et al. 2021 (DeepViT: towards deeper vision transformer), Eq. 4",
         finish=column_cosine,
+        range=(0.0, 1.0),
     ),
 }
 
@@ -274,6 +291,12 @@ def metric_def(name: str) -> MetricDef:
         return ALL_METRICS[name]
     except KeyError:
         raise KeyError(f"unknown metric {name!r}; known: {', '.join(ALL_METRICS)}") from None
+
+
+def metric_range(name: str) -> tuple[float, float]:
+    """The values a metric can take (:attr:`MetricDef.range`); ``(-inf, inf)`` for a metric this version lacks."""
+    definition = TOKEN_METRICS.get(name) or ATTENTION_METRICS.get(name)
+    return definition.range if definition is not None else (-math.inf, math.inf)
 
 
 def layer_span(name: str) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..metrics.reducers import Chunk, RowExtras, per_image, reduce_rows, token_values
+from ..metrics.reducers import PROBABILITY_ROW_FORMS, Chunk, RowExtras, per_image, reduce_rows, token_values
 from ..metrics.registry import ATTENTION_METRICS, TOKEN_METRICS, MetricDef
 from .attention import CPU_BLOCK_ELEMENTS, AttentionOutput, Scratch, measured_blocks, resolve_attention_tap
 from .geometry import (
@@ -196,10 +196,10 @@ class _LayerSink:
         if ctx is not None:
             self.capture._metrics.on_qk(ctx, q, k, scale, bias)
 
-    def probs(self, p: torch.Tensor) -> None:
+    def probs(self, p: torch.Tensor, distributions: torch.Tensor | None = None) -> None:
         ctx = self.capture._attention_context(self.layer, self.spec, p, p.shape[-1])
         if ctx is not None:
-            self.capture._metrics.on_probs(ctx, p)
+            self.capture._metrics.on_probs(ctx, p, distributions)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None
@@ -301,8 +301,11 @@ class _LayerMetrics:
                 pass
             return None if output is None else output.out
 
-    def on_probs(self, ctx: LayerContext, probs: torch.Tensor) -> None:
-        """Attention metrics from softmax probabilities ``(B, H, T, S)`` read from an unfused model."""
+    def on_probs(self, ctx: LayerContext, probs: torch.Tensor, distributions: torch.Tensor | None = None) -> None:
+        """Attention metrics from the weights ``(B, H, T, S)`` an unfused model applies; the metrics defined only for
+        probability rows (:data:`~oversmooth_cli.metrics.reducers.PROBABILITY_ROW_FORMS`) from ``distributions``
+        (the softmax maps that talking heads mix into the weights), or from the weights when they are probability rows
+        (else the layer has none of them, and :attr:`unavailable` says why)."""
         with torch.no_grad(), _float32(probs.device):
             rows = probs.detach().float()[:, :, ctx.prefix :]
             positions = ctx.positions
@@ -311,7 +314,19 @@ class _LayerMetrics:
             prev = self._previous(ctx.layer, "probs", rows.shape) if self._keep_attention else None
             self.prev_attention = (ctx.layer, "probs", rows) if self._keep_attention else None
             prev_chunks = None if prev is None else [prev[2]]
-            self._reduce(ctx, [rows], prev_chunks, positions, tuple(rows.shape[:-1]))
+            needs_p = {n: m for n, m in self.attention_metrics.items() if m.fn in PROBABILITY_ROW_FORMS}
+            if not needs_p:
+                self._reduce(ctx, [rows], prev_chunks, positions, tuple(rows.shape[:-1]))
+                return
+            rest = {n: m for n, m in self.attention_metrics.items() if n not in needs_p}
+            self._reduce(ctx, [rows], prev_chunks, positions, tuple(rows.shape[:-1]), rest)
+            if distributions is not None:
+                rows = distributions.detach().float()[:, :, ctx.prefix :]
+            elif bool((rows < 0).any()):
+                for name in needs_p:
+                    self.unavailable.setdefault(name, f"layer {ctx.layer}'s attention weights are not probabilities")
+                return
+            self._reduce(ctx, [rows], None, positions, tuple(rows.shape[:-1]), needs_p)
 
     def _reduce(
         self,
@@ -320,16 +335,19 @@ class _LayerMetrics:
         prev_chunks: Iterable[Chunk] | None,
         positions: TokenPositions | None,
         shape: tuple[int, ...],
+        metrics: dict[str, MetricDef] | None = None,
         softmax_rows: bool = False,
     ) -> None:
         """Per-image values of one layer's attention (:func:`~oversmooth_cli.metrics.reducers.reduce_rows`, then
-        :func:`~oversmooth_cli.metrics.reducers.per_image`), kept until :meth:`pop_batch`."""
+        :func:`~oversmooth_cli.metrics.reducers.per_image`) for ``metrics`` (default: every attention metric), kept
+        until :meth:`pop_batch`."""
+        metrics = self.attention_metrics if metrics is None else metrics
         extras = self._row_extras(positions)
         per_head = reduce_rows(
-            self.attention_metrics, chunks, prev_chunks, shape, ctx.prefix, extras, self._scratch.view, softmax_rows
+            metrics, chunks, prev_chunks, shape, ctx.prefix, extras, self._scratch.view, softmax_rows
         )
         scale = 1.0 if ctx.positions is None else ctx.positions.row_scale  # rows of padding tokens gave 0
-        scales = {n: scale for n, m in self.attention_metrics.items() if "distances" in m.needs}
+        scales = {n: scale for n, m in metrics.items() if "distances" in m.needs}
         for name, (value, heads) in per_image(per_head, ctx.windows, scales).items():
             self.pending.heads[(name, ctx.layer)] = heads
             self.pending.layers[(name, ctx.layer)] = value

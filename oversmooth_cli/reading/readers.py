@@ -40,6 +40,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
+    "POST_SOFTMAX_MIXERS",
     "READERS",
     "AttentionReader",
     "CascadedHeadsReader",
@@ -63,8 +64,9 @@ class ReaderSink(Protocol):
     def qk(self, q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> None:
         """Queries and keys ``(B', H, T, dh)`` as the model uses them; ``bias`` broadcastable to ``(B', H, T, S)``."""
 
-    def probs(self, p: torch.Tensor) -> None:
-        """Attention weights ``(B', H, T, S)`` as the model applies them."""
+    def probs(self, p: torch.Tensor, distributions: torch.Tensor | None = None) -> None:
+        """Attention weights ``(B', H, T, S)`` as the model applies them; ``distributions``: the softmax maps they
+        were mixed from, when the weights are not probability rows themselves (talking heads)."""
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None
@@ -218,8 +220,12 @@ class _CallRelay:
         if self.report_sdpa:
             self.sink.qk(*sdpa_inputs(args, kwargs, self.heads, self.heads_dim))
 
-    def softmax(self, probs: torch.Tensor) -> None:
-        self.sink.probs(_heads_first(probs, self.heads, self.heads_dim))
+    def softmax(self, probs: torch.Tensor, distributions: torch.Tensor | None = None) -> None:
+        weights = _heads_first(probs, self.heads, self.heads_dim)
+        if distributions is None:  # a sink of weights only (``probs(p)``) is served as before
+            self.sink.probs(weights)
+        else:
+            self.sink.probs(weights, _heads_first(distributions, self.heads, self.heads_dim))
 
     def attend(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The sink's answer to an SDPA call in the layout SDPA returns, or ``None`` (not taken)."""
@@ -341,11 +347,18 @@ class InterceptReader(AttentionReader):
         return _intercept(attn, relay), lambda: None
 
 
+POST_SOFTMAX_MIXERS = ("proj_w", "talking_head2")
+"""Submodules that mix the heads' softmax maps after the softmax (talking heads: CaiT's ``proj_w``,
+EfficientFormer-V2's ``talking_head2``): the weights they give are not probability rows."""
+
+
 class WeightsReader(AttentionReader):
     """The weights the model applies to the values, read where they leave the attention (fused path switched off).
 
     ``attn_drop``: at the input of ``attn_drop`` (ConViT's gated attention, CaiT's talking heads);
     ``talking_head2``: at the output of the post-softmax head-mixing conv (EfficientFormer-V2, no ``attn_drop``).
+    A module that mixes its heads after the softmax (:data:`POST_SOFTMAX_MIXERS`) also reports the softmax maps it
+    mixed (its first softmax), the probability rows of the metrics that need them.
     """
 
     def __init__(self, submodule: str, output: bool = False) -> None:
@@ -357,11 +370,35 @@ class WeightsReader(AttentionReader):
             raise UnsupportedModelError(f"{type(attn).__name__} has no {self.submodule} to read attention weights at")
         relay = _CallRelay(sink, _num_heads(attn), heads_dim)
         undo = _fused_off(attn)
+        mixed = any(isinstance(getattr(attn, m, None), nn.Module) for m in POST_SOFTMAX_MIXERS)
+        maps: list[torch.Tensor] = []
+        hooks = _collect_softmax(attn, maps) if mixed else []
+
+        def report(weights: torch.Tensor) -> None:
+            relay.softmax(weights, maps[0] if maps else None)
+
         if self.output:
-            hook = where.register_forward_hook(lambda _m, _a, out: relay.softmax(out))
+            hooks.append(where.register_forward_hook(lambda _m, _a, out: report(out)))
         else:
-            hook = where.register_forward_pre_hook(lambda _m, args: relay.softmax(args[0]))
-        return [hook], undo
+            hooks.append(where.register_forward_pre_hook(lambda _m, args: report(args[0])))
+        return hooks, undo
+
+
+def _collect_softmax(attn: nn.Module, maps: list[torch.Tensor]) -> list:
+    """Hooks keeping, in ``maps``, every softmax output of each forward of ``attn`` (emptied when the next starts)."""
+    active: list[_CollectSoftmax] = []
+
+    def enter(_m, _args):
+        maps.clear()
+        active.append(_CollectSoftmax(maps))
+        active[-1].__enter__()
+
+    def leave(_m, _args, _out):
+        if active:
+            active.pop().__exit__(None, None, None)
+        maps.clear()
+
+    return [attn.register_forward_pre_hook(enter), attn.register_forward_hook(leave, always_call=True)]
 
 
 class _CollectSoftmax(TorchFunctionMode):

@@ -15,6 +15,8 @@ through an :class:`~oversmooth_cli.reading.readers.AttentionReader` (see :mod:`o
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +35,12 @@ __all__ = [
     "FamilySupport",
     "Group",
     "architecture_families",
+    "architecture_name",
+    "architecture_support",
+    "attention_classes",
     "family_support",
     "model_family",
+    "no_blocks_reason",
     "register_adapter",
     "resolve_adapter",
 ]
@@ -229,11 +235,8 @@ class FamilyAdapter:
                     (index, _stage_key(model, group, name), name, block, group, attention, prefix, query_prefix)
                 )
         if not found:
-            family = model_family(model)
-            known = f" (family {family}: {UNSUPPORTED[family]})" if family in UNSUPPORTED else ""
             raise UnsupportedModelError(
-                f"{type(model).__name__} has no blocks matching {', '.join(g.path for g in self.groups)} "
-                f"(adapter {self.name}): no attention blocks to measure{known}"
+                f"{no_blocks_reason(model)} (adapter {self.name} looks for {', '.join(g.path for g in self.groups)})"
             )
         found.sort(key=lambda f: f[0])
         stages: dict[Any, int] = {}
@@ -292,6 +295,54 @@ def model_family(model: nn.Module) -> str:
     return type(model).__module__.rsplit(".", 1)[-1]
 
 
+def architecture_name(model: nn.Module) -> str:
+    """The timm architecture a model was built as (``pretrained_cfg``), else its class name."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    return str(arch) if arch else type(model).__name__
+
+
+ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
+"""Class names of attention modules: timm names them ``*Attention*`` / ``*Attn*`` ..."""
+
+
+ATTENTION_ACRONYMS = frozenset({"MHSA", "GPSA", "SHSA", "SHMA", "XCA", "LiteMLA", "LambdaLayer"})
+"""... or by an acronym: multi-head / gated positional / single-head self-attention (ConViT, SHViT), single-head
+modulation attention (iFormer), cross-covariance attention (XCiT), lite multi-scale linear attention (EfficientViT-MiT),
+lambda layers."""
+
+
+CHANNEL_GATES = frozenset(
+    f"timm.layers.{m}"
+    for m in ("squeeze_excite", "eca", "cbam", "gather_excite", "global_context", "selective_kernel", "split_attn")
+)
+"""``timm.layers`` modules of channel and spatial gates named like attention (CBAM's ``ChannelAttn``, ResNeSt's
+``SplitAttn``, SKNet's ``SelectiveKernelAttn``...): they weight channels or pixels, they do not attend between
+tokens."""
+
+
+def attention_classes(model: nn.Module) -> list[str]:
+    """The attention module classes in ``model`` (empty: a convolution-only model): classes named like attention
+    (:data:`ATTENTION_NAME`, :data:`ATTENTION_ACRONYMS`), channel / spatial gates (:data:`CHANNEL_GATES`) excepted."""
+    classes = {type(m) for m in model.modules()}
+    return sorted(
+        c.__name__
+        for c in classes
+        if (ATTENTION_NAME.search(c.__name__) or c.__name__ in ATTENTION_ACRONYMS) and c.__module__ not in CHANNEL_GATES
+    )
+
+
+def no_blocks_reason(model: nn.Module) -> str:
+    """Why ``model`` has nothing to measure, naming its own architecture: convolution-only, or attention the tool
+    cannot read (its family's reason when one is recorded)."""
+    arch, cls, family = architecture_name(model), type(model).__name__, model_family(model)
+    found = attention_classes(model)
+    if not found:
+        return f"{arch} ({cls}, family {family}) is convolution-only: no attention blocks to measure"
+    reason = UNSUPPORTED.get(family, "no adapter reads it yet")
+    return f"{arch} ({cls}, family {family}) has attention the tool cannot measure ({', '.join(found)}): {reason}"
+
+
 def resolve_adapter(model: nn.Module) -> FamilyAdapter:
     """The adapter for the model's class or its nearest registered base class."""
     for cls in type(model).__mro__:
@@ -299,6 +350,8 @@ def resolve_adapter(model: nn.Module) -> FamilyAdapter:
         if family in _BY_MODULE:
             return _BY_MODULE[family]
         if family in UNSUPPORTED:
+            if not attention_classes(model):
+                raise UnsupportedModelError(no_blocks_reason(model))
             raise UnsupportedModelError(
                 f"model family '{family}' ({type(model).__name__}) cannot be measured: {UNSUPPORTED[family]}"
             )
@@ -340,6 +393,42 @@ def family_support(family: str) -> FamilySupport:
     attention = "all blocks" if full else "some blocks" if any(g.attn is not None for g in groups) else "-"
     tokens, attention = adapter.coverage or (tokens, attention)
     return FamilySupport(family, "measured", tokens, attention, adapter.notes)
+
+
+def _varies(family: str) -> bool:
+    """Whether the status of a family's architectures can differ from the family's: a family the tool refuses (some
+    of its models may be convolution-only), one served by an adapter of another module (ByobNet), or one whose blocks
+    are told by their class (MobileNetV3 / V4: convolution-only models and hybrids)."""
+    adapter = ADAPTERS.get(family)
+    if adapter is None:
+        return family in UNSUPPORTED or family in _BY_MODULE
+    return bool(adapter.modules) or all(g.block_classes for g in adapter.groups)
+
+
+def architecture_support(name: str, family: str | None = None, build: bool | None = None) -> FamilySupport:
+    """Support of one timm architecture: its family's (:func:`family_support`), or, where that can differ between
+    the family's models (or ``build``), what its model built on the ``meta`` device (no memory, no weights) gives:
+    ``measured``, ``no attention`` (convolution-only) or ``unsupported`` with the reason naming the architecture."""
+    import timm
+
+    family = family or next((m for m in timm.list_modules() if name in timm.list_models(module=m)), "?")
+    support = family_support(family)
+    if not (_varies(family) if build is None else build):
+        return support
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = timm.create_model(name, pretrained=False)
+    except Exception:  # a model that does not build on meta: the family's status is all there is to say
+        return support
+    try:
+        resolve_adapter(model).block_specs(model)
+    except UnsupportedModelError as e:
+        status = "unsupported" if attention_classes(model) else "no attention"
+        return FamilySupport(family, status, "-", "-", str(e))
+    if support.status == "measured":
+        return support
+    return FamilySupport(family, "measured", "some layers", "some blocks", support.note)
 
 
 def architecture_families(pattern: str = "*") -> list[tuple[str, str]]:

@@ -9,7 +9,8 @@ up whichever arm was interrupted.
 The side-by-side (rank 0) compares the final weights of both arms on the validation images:
 
 * ``side_by_side.csv``: per arm (``before``, ``control``, ``treated``), val top-1 with its 95% Wilson interval over
-  images and last-layer token cosine with its 95% interval over images (from the ``measure`` runs);
+  images and last-layer token cosine with its 95% interval over images (from the ``measure`` runs' mean, std and
+  image count: Student's t with ``N - 1`` degrees of freedom, clipped to [-1, 1], none for one image);
 * ``side_by_side.json``: the same rows plus the verdict: McNemar's exact test, paired over the same validation images
   (images one arm gets right and the other wrong), the accuracy difference within noise when ``p >= 0.05``;
 * ``side_by_side.png``: the before / control / treated token-cosine curves over layers (95% bands) and both arms'
@@ -32,6 +33,8 @@ from .. import runtime
 from ..data import LabelledImages, Sample, build_transform, prepare_data
 from ..errors import UserError
 from ..io import atomic_write, read_layers, write_json
+from ..metrics.intervals import INTERVAL, mean_interval
+from ..metrics.registry import metric_range
 from ..plots import plot_side_by_side, save_figure
 from ..reading.loading import load_model, load_state_dict_file
 from .config import FinetuneConfig
@@ -123,10 +126,14 @@ class SideBySide:
 
 
 def _last_layer_cosine(layers: pd.DataFrame) -> tuple[float, float, float, int]:
-    """``(mean, ci95_low, ci95_high, n_images)`` of ``token_cosine`` at the last layer that has it."""
+    """``(mean, ci95_low, ci95_high, n_images)`` of ``token_cosine`` at the last layer that has it; the interval is
+    the one every mean over images gets (Student's t, clipped to the metric's range, none for one image:
+    :func:`~oversmooth_cli.metrics.intervals.mean_interval`), computed here from the mean, std and image count."""
     rows = layers[layers["metric"] == "token_cosine"]
     row = rows.loc[rows["layer"].idxmax()]
-    return float(row["mean"]), float(row["ci95_low"]), float(row["ci95_high"]), int(row["n_images"])
+    mean, n = float(row["mean"]), int(row["n_images"])
+    low, high = mean_interval(mean, float(row["std"]), n, metric_range("token_cosine"))
+    return mean, low, high, n
 
 
 def _correct(run: Path, samples: list[Sample], batch_size: int, device: torch.device) -> torch.Tensor:
@@ -183,6 +190,7 @@ def side_by_side(out: Path, arguments: dict[str, Any]) -> SideBySide:
     report = {
         "rows": table.to_dict(orient="records"),
         "test": "McNemar's exact test (two-sided), paired over the same validation images, final weights",
+        "intervals": {"val_top1": "Wilson score 95%", "token_cosine": INTERVAL},
         "treated_only_right": only_t,
         "control_only_right": only_c,
         "p_value": p,

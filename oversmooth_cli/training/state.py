@@ -31,7 +31,9 @@ __all__ = [
     "TRAIN_STATE_FORMAT",
     "Progress",
     "check_same_run",
+    "first_difference",
     "load_train_state",
+    "record_flag",
     "restore_state",
     "save_best",
     "save_state",
@@ -194,14 +196,34 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in plain.items() if k != "config"}, **plain.get("config", {})}
 
 
+RECORD_FLAGS = {"model": "MODEL", "train_dir": "TRAIN_DIR", "losses": "--loss", "model_args": "--model-arg"}
+"""How the command line spells the run-record entries whose flag is not ``--<name-with-dashes>``."""
+
+
+def record_flag(key: str) -> str:
+    """The command-line spelling of a run-record entry (``lr`` -> ``--lr``, ``train_dir`` -> ``TRAIN_DIR``)."""
+    return RECORD_FLAGS.get(key, f"--{key.replace('_', '-')}")
+
+
+def first_difference(saved: dict[str, Any], current: dict[str, Any], keys: Any = None) -> str | None:
+    """``"--lr: the run used 0.002, now 0.001"`` for the first entry (of ``keys``, default all of ``current``'s) of
+    two run records that differs, else ``None``."""
+    flat_old, flat_new = _flat(saved), _flat(current)
+    for k in flat_new if keys is None else keys:
+        if k in flat_new and flat_old.get(k) != flat_new[k]:
+            return f"{record_flag(k)}: the run used {flat_old.get(k)!r}, now {flat_new[k]!r}"
+    return None
+
+
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], out: Path) -> None:
     """Refuse to resume with options that change the result (the device and workers may differ).
 
     Raises:
-        UserError: naming up to three options that differ.
+        UserError: one line naming the first option that differs.
     """
-    flat_old, flat_new = _flat(saved), _flat(current)
-    diff = [k for k in flat_new if flat_old.get(k) != flat_new[k]]
-    if diff:
-        shown = "; ".join(f"{k.replace('_', '-')}: run used {flat_old.get(k)!r}, now {flat_new[k]!r}" for k in diff[:3])
-        raise UserError(f"--resume {out}: options differ from the saved run ({shown}); pass the run's options")
+    diff = first_difference(saved, current)
+    if diff is not None:
+        raise UserError(
+            f"--resume {out}: {diff}; drop the option (--resume alone continues with the run's options) or start "
+            "a new run with another --out"
+        )

@@ -520,6 +520,16 @@ USAGE_CASES = [  # (command, arguments, a piece of the message)
     ("baseline", ["RUN"], "Missing argument 'DEST'"),
     ("baseline", ["RUN", "DEST", "--nope"], "No such option: --nope"),
     ("finetune", ["MODEL"], "Missing argument 'TRAIN_DIR'"),
+    ("finetune", [], "Missing argument 'MODEL' (--resume OUT alone continues a saved run)"),
+    # found after parsing, by the library's own checks: the same one line and hint, nothing before it
+    ("finetune", ["MODEL", "TRAIN", "--epochs", "-1"], "--epochs must be >= 1, got -1"),
+    ("finetune", ["MODEL", "TRAIN", "--loss", "cos,foo"], "unknown loss 'foo' in --loss"),
+    ("finetune", ["MODEL", "TRAIN", "--device", "tpu"], "unknown --device 'tpu'"),
+    ("measure", ["MODEL", "IMAGES", "--metrics", "foo"], "unknown metric(s) foo"),
+    ("measure", ["MODEL", "IMAGES", "--device", "tpu"], "unknown --device 'tpu'"),
+    ("measure", ["MODEL", "IMAGES", "--model-arg", "oops"], "--model-arg 'oops' is not KEY=VALUE"),
+    ("check", ["A", "B", "--atol", "x"], "--atol x: x is not a number"),
+    ("check", ["A", "B", "--layers", "x-y"], "--layers 'x-y': 'x-y' is not a layer or a range"),
     ("finetune", ["MODEL", "TRAIN", "--epochs", "x"], "Invalid value for '--epochs'"),
     ("finetune", ["MODEL", "TRAIN", "--cons-sim", "cosine"], "'cosine' is not one of 'cos', 'dot'"),
     ("models", ["a", "b"], "unexpected extra argument"),
@@ -532,7 +542,7 @@ HELP_USAGE = {
     "check": "Usage: oversmooth check [OPTIONS] BASELINE CURRENT",
     "compare": "Usage: oversmooth compare [OPTIONS] RUNS...",
     "baseline": "Usage: oversmooth baseline [OPTIONS] RUN DEST",
-    "finetune": "Usage: oversmooth finetune [OPTIONS] MODEL TRAIN_DIR",
+    "finetune": "Usage: oversmooth finetune [OPTIONS] [MODEL] [TRAIN_DIR]",  # both from the run with --resume
     "models": "Usage: oversmooth models [OPTIONS] [PATTERN]",
     "": "Usage: oversmooth [OPTIONS] COMMAND [ARGS]...",
 }

@@ -43,6 +43,7 @@ SHIFTS = {
 # token_cosine: higher = smoother; attention_std: lower = smoother. So "up" (worse) = rises of token_cosine and falls
 # of attention_std; "down" (better) = the opposite.
 WORSE = {("token_cosine", 1), ("attention_std", 2)}
+ATTENTION_LIFT = 0.06
 BETTER = {("token_cosine", 3), ("attention_std", 3)}
 PHOTO_NAMES = ("astronaut.png", "camera.png", "chelsea.png", "coins.png")  # RGB and grayscale, PNG
 
@@ -64,7 +65,7 @@ class Runs:
     run_a_again: Path  # checkpoint a, measured a second time
     run_b: Path  # checkpoint b (another random init, same architecture)
     run_depth2: Path  # another depth
-    base: Path  # run_a with std set to 0.1 everywhere
+    base: Path  # run_a with std set to 0.1 everywhere and attention_std raised by ATTENTION_LIFT
     shifted: Path  # base with SHIFTS applied
 
 
@@ -91,7 +92,11 @@ def runs(tmp_path_factory) -> Runs:
     run_a = run(ckpt_a, "run_a")
 
     def std_01(df: pd.DataFrame) -> pd.DataFrame:
-        return df.assign(std=0.1)
+        # attention_std (~5e-4 here) is lifted so that the hand-made fall of SHIFT stays inside its range [0, 0.5]:
+        # a negative value would be refused as unusable input, not read as a regression.
+        df = df.assign(std=0.1)
+        df.loc[df["metric"] == "attention_std", "mean"] += ATTENTION_LIFT
+        return df
 
     def shift(df: pd.DataFrame) -> pd.DataFrame:
         df = std_01(df)
@@ -172,14 +177,25 @@ def test_other_checkpoint_fails_exactly_where_curves_moved(runs):
     assert len(table_rows) == len(expected)
 
 
+def t_sigma_reference(sigma: float, se_b: np.ndarray, se_c: np.ndarray, n_b: np.ndarray, n_c: np.ndarray):
+    """scipy's Student-t quantile at the normal coverage of ± sigma, Welch-Satterthwaite degrees of freedom."""
+    stats = pytest.importorskip("scipy.stats")
+    df = (se_b**2 + se_c**2) ** 2 / (se_b**4 / (n_b - 1) + se_c**4 / (n_c - 1))
+    return stats.t.ppf(stats.norm.cdf(sigma), df)
+
+
 def test_band_matches_float64_formula(runs):
+    """The sigma term uses Student's t at the Welch-Satterthwaite degrees of freedom (4 images per side here)."""
     tol = Tolerance(atol=0.01, rtol=0.1, sigma=1.5, direction="both")
     result = check_runs(runs.run_a, runs.run_b, tol)
     ref = merged(runs.run_a, runs.run_b).sort_values(["metric", "layer"])
     rows = result.rows.sort_values(["metric", "layer"])
-    se_b = ref["std_b"].to_numpy() / np.sqrt(ref["n_images_b"].to_numpy())
-    se_c = ref["std_c"].to_numpy() / np.sqrt(ref["n_images_c"].to_numpy())
-    allowed = 0.01 + 0.1 * np.abs(ref["mean_b"].to_numpy()) + 1.5 * np.sqrt(se_b**2 + se_c**2)
+    n_b, n_c = ref["n_images_b"].to_numpy(float), ref["n_images_c"].to_numpy(float)
+    se_b = ref["std_b"].to_numpy() / np.sqrt(n_b)
+    se_c = ref["std_c"].to_numpy() / np.sqrt(n_c)
+    t_sigma = t_sigma_reference(1.5, se_b, se_c, n_b, n_c)
+    assert (t_sigma > 1.5).all()  # wider than the normal band at 4 images
+    allowed = 0.01 + 0.1 * np.abs(ref["mean_b"].to_numpy()) + t_sigma * np.sqrt(se_b**2 + se_c**2)
     diff = ref["mean_c"].to_numpy() - ref["mean_b"].to_numpy()
     np.testing.assert_allclose(rows["allowed"].to_numpy(), allowed, rtol=1e-12, atol=0)
     np.testing.assert_allclose(rows["diff"].to_numpy(), diff, rtol=1e-12, atol=0)
@@ -228,24 +244,29 @@ def test_direction_uses_registry_for_new_metrics(runs, tmp_path, monkeypatch):
     assert failing(check_runs(base, rose, Tolerance(direction="down"))) == {("patch_spread", 2)}
 
 
-def test_unregistered_metric_needs_direction_both(runs, tmp_path):
+def test_unregistered_metric_is_unusable_input(runs, tmp_path):
+    """A metric this version does not know is refused in one line (it was a silent pass with --direction both)."""
+
     def edit(df: pd.DataFrame) -> pd.DataFrame:
         return pd.concat([df, df[df["metric"] == "token_cosine"].assign(metric="my_metric")])
 
     base = mutate_run(runs.run_a, tmp_path / "b", edit)
     cur = mutate_run(runs.run_a, tmp_path / "c", edit)
-    assert check_runs(base, cur).passed
-    r = invoke("check", base, cur, "--direction", "up")
-    assert r.exit_code == EXIT_BAD_INPUT
-    assert "my_metric is not in this version's registry" in r.output
+    with pytest.raises(UserError, match="metric in row 8 \\(my_metric layer 0\\) is 'my_metric'; expected a metric"):
+        check_runs(base, cur)
+    for args in (("check", base, cur), ("check", runs.run_a, cur, "--direction", "up"), ("compare", base, cur)):
+        r = invoke(*args)
+        assert r.exit_code == EXIT_BAD_INPUT, r.output
+        assert "layers.csv: metric in row 8 (my_metric layer 0)" in r.output
 
 
 @pytest.mark.parametrize(("sigma", "code"), [(0.0, EXIT_FAILED_CHECK), (0.2, EXIT_FAILED_CHECK), (1.0, 0)])
 def test_sigma_widens_the_band_by_the_standard_error(runs, sigma, code):
-    # std 0.1 over 4 images on both sides: se = 0.05 each, combined sqrt(2) * 0.05 = 0.0707.
-    # sigma 0.2: allowed 0.02 + 0.0141 = 0.034 < 0.05 (fails); sigma 1: 0.02 + 0.0707 = 0.091 > 0.05 (passes).
+    # std 0.1 over 4 images on both sides: se = 0.05 each, combined sqrt(2) * 0.05 = 0.0707, Welch df = 6.
+    # sigma 0.2 (t 0.207): allowed 0.02 + 0.0146 = 0.035 < 0.05 (fails); sigma 1 (t 1.091): 0.02 + 0.077 = 0.097 > 0.05.
     result = check_runs(runs.base, runs.shifted, Tolerance(atol=0.02, rtol=0.0, sigma=sigma))
-    np.testing.assert_allclose(result.rows["allowed"], 0.02 + sigma * math.sqrt(2) * 0.05, rtol=1e-12)
+    t_sigma = t_sigma_reference(sigma, *(np.array([x]) for x in (0.05, 0.05, 4.0, 4.0)))[0] if sigma else 0.0
+    np.testing.assert_allclose(result.rows["allowed"], 0.02 + t_sigma * math.sqrt(2) * 0.05, rtol=1e-9)
     r = invoke("check", runs.base, runs.shifted, "--sigma", sigma, "--atol", "0.02", "--rtol", "0")
     assert r.exit_code == code, r.output
 
@@ -253,7 +274,7 @@ def test_sigma_widens_the_band_by_the_standard_error(runs, sigma, code):
 def test_rtol_scales_with_the_baseline(runs):
     result = check_runs(runs.base, runs.shifted, Tolerance(atol=0.0, rtol=0.5))
     ref = pd.read_csv(runs.base / "layers.csv").set_index(["metric", "layer"])
-    # token_cosine ~0.4: allowed ~0.2 > 0.05 passes; attention_std ~5e-4: allowed ~2.5e-4 < 0.05 fails.
+    # token_cosine ~0.4: allowed ~0.2 > 0.05 passes; attention_std ~0.06: allowed ~0.03 < 0.05 fails.
     assert failing(result) == {("attention_std", 2), ("attention_std", 3)}
     rows = result.rows.set_index(["metric", "layer"])
     np.testing.assert_allclose(rows["allowed"], 0.5 * ref.loc[rows.index, "mean"].abs(), rtol=1e-12)
@@ -366,13 +387,19 @@ def test_layers_csv_without_summary_compares_values_and_says_so(runs, tmp_path):
     assert "metrics_version not compared: current has no summary.json" in report.read_text()
 
 
-def test_non_finite_current_value_fails(runs, tmp_path):
+def test_non_finite_current_value_is_unusable_input_not_a_regression(runs, tmp_path):
+    """A NaN mean was a failing verdict (exit 1 naming layer 1); it is unusable input: exit 2 naming the cell."""
+
     def nan_at_1(df: pd.DataFrame) -> pd.DataFrame:
         df.loc[(df["metric"] == "token_cosine") & (df["layer"] == 1), "mean"] = float("nan")
         return df
 
     cur = mutate_run(runs.run_a, tmp_path / "nan", nan_at_1)
-    assert failing(check_runs(runs.run_a, cur)) == {("token_cosine", 1)}
+    with pytest.raises(UserError, match=r"nan/layers.csv: mean in row 5 \(token_cosine layer 1\) is empty; expected a"):
+        check_runs(runs.run_a, cur)
+    r = invoke("check", runs.run_a, cur)
+    assert r.exit_code == EXIT_BAD_INPUT, r.output
+    assert "mean in row 5 (token_cosine layer 1) is empty; expected a finite number" in r.output
 
 
 # -- report files -------------------------------------------------------------------------------------------------

@@ -6,15 +6,19 @@ setting (``--include-prefix``, the image set, the input size, the patch grid, th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
+from oversmooth_cli.data import file_digest, read_rgb
 from oversmooth_cli.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, UserError
 from oversmooth_cli.gate.check import check_runs
 from oversmooth_cli.gate.compare import compare_runs
@@ -115,33 +119,59 @@ def test_summary_records_definitions(runs):
     assert json.loads((runs.patch4 / "summary.json").read_text())["definitions"]["n_tokens"][0] == 64
 
 
-def test_image_set_hash_follows_relative_paths(tmp_path):
-    """Folder: paths relative to it; list of paths: relative to their deepest common folder. Order is irrelevant."""
-    for where in ("a", "b/c"):
-        (tmp_path / where / "sub").mkdir(parents=True)
-        shutil.copy(PHOTOS["camera.png"], tmp_path / where / "camera.png")
-        shutil.copy(PHOTOS["coins.png"], tmp_path / where / "sub" / "coins.png")
-    a, c = tmp_path / "a", tmp_path / "b" / "c"
-    files = [a / "camera.png", a / "sub" / "coins.png"]
-    same = describe_image_set(files, a)
-    assert same == {**describe_image_set([c / "sub" / "coins.png", c / "camera.png"], c), "relative_to": str(a)}
-    assert describe_image_set(list(reversed(files)))["sha256"] == same["sha256"]  # common root: a
-    assert describe_image_set(files[1:], a)["sha256"] != describe_image_set(files[1:])["sha256"]  # sub/coins vs coins
-    assert describe_image_set(files[:1], a)["count"] == 1
-    assert describe_image_set(files[:1], a)["sha256"] != same["sha256"]
+def test_image_set_is_known_by_content(tmp_path):
+    """The same bytes under other names or folders are the same set, in any order; one changed pixel is another."""
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "b" / "c").mkdir(parents=True)
+    shutil.copy(PHOTOS["camera.png"], tmp_path / "a" / "camera.png")
+    shutil.copy(PHOTOS["coins.png"], tmp_path / "a" / "sub" / "coins.png")
+    shutil.copy(PHOTOS["camera.png"], tmp_path / "b" / "c" / "x.png")
+    shutil.copy(PHOTOS["coins.png"], tmp_path / "b" / "y.png")
+    a = [tmp_path / "a" / "camera.png", tmp_path / "a" / "sub" / "coins.png"]
+    b = [tmp_path / "b" / "y.png", tmp_path / "b" / "c" / "x.png"]
+    same = describe_image_set([file_digest(p) for p in a])
+    assert same == describe_image_set([file_digest(p) for p in b])
+    assert same["count"] == 2 and same["by"] == "content" and len(same["sha256"]) == 64
+    assert same["digests"] == sorted(file_digest(p)[:16] for p in a)
+    # Read once while decoding: the loader's digest is the file's.
+    assert read_rgb(a[0])[1] == file_digest(a[0]) == hashlib.sha256(a[0].read_bytes()).hexdigest()
+    pixels = np.asarray(Image.open(a[0])).copy()
+    pixels[0, 0] ^= 1
+    Image.fromarray(pixels).save(tmp_path / "changed.png")
+    changed = describe_image_set([file_digest(tmp_path / "changed.png"), file_digest(a[1])])
+    assert changed["count"] == 2 and changed["sha256"] != same["sha256"]
+    assert describe_image_set([file_digest(a[0])] * 2)["count"] == 2  # named twice: measured twice
 
 
-def test_measuring_a_folder_or_a_list_of_it_records_the_same_image_set(runs, tmp_path):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for name in PHOTO_NAMES:
+def test_the_same_images_by_folder_parent_folder_list_or_other_names_are_the_same_set(runs, tmp_path):
+    """Measured as a folder, as its parent, through a list file or copied under other names: one image set (the
+    relative paths differed, so check refused these as "image sets differ"); one changed pixel is refused, saying how
+    many images differ."""
+    folder = tmp_path / "photos" / "set"
+    folder.mkdir(parents=True)
+    renamed = tmp_path / "renamed"
+    (renamed / "deeper").mkdir(parents=True)
+    for i, name in enumerate(PHOTO_NAMES):
         shutil.copy(PHOTOS[name], folder / name)
+        shutil.copy(PHOTOS[name], (renamed / "deeper" if i % 2 else renamed) / f"img{i}.png")
     listed = tmp_path / "list.txt"
-    listed.write_text("\n".join(f"photos/{n}" for n in reversed(PHOTO_NAMES)) + "\n")
+    listed.write_text("\n".join(f"photos/set/{n}" for n in reversed(PHOTO_NAMES)) + "\n")
     model = load_model(str(runs.ckpt))
     cpu = MeasureConfig(device="cpu")
-    sets = [measure(model, src, cpu).summary["definitions"]["images"] for src in (folder, listed)]
-    assert sets[0]["sha256"] == sets[1]["sha256"] and sets[0]["count"] == 4
+    outs = [write_run(measure(model, src, cpu), tmp_path / f"run{i}") for i, src in
+            enumerate((folder, tmp_path / "photos", listed, renamed))]  # fmt: skip
+    sets = [json.loads((o / "summary.json").read_text())["definitions"]["images"] for o in outs]
+    assert all(s["sha256"] == sets[0]["sha256"] and s["count"] == 4 for s in sets), sets
+    for o in outs[1:]:
+        assert check_runs(outs[0], o).notes == []
+        assert invoke("check", runs.patch, o).exit_code == 0  # the list-file run of the fixture: the same images
+    pixels = np.asarray(Image.open(folder / "camera.png")).copy()
+    pixels[5, 5] = 255 - pixels[5, 5]
+    Image.fromarray(pixels).save(renamed / "deeper" / "img1.png")  # camera.png, one pixel changed
+    changed = write_run(measure(model, renamed, cpu), tmp_path / "changed")
+    line = one_error_line(invoke("check", outs[0], changed))
+    assert line.startswith("image sets differ: baseline measured 4 images (sha256 ")
+    assert ": 1 of baseline's images is not in current, 1 of current's not in baseline; measure the same" in line
 
 
 # -- refusals: exit 2, one line naming the difference -------------------------------------------------------------
@@ -170,7 +200,8 @@ def test_other_image_set_is_refused_unless_allowed(runs, tmp_path):
     assert line.endswith(
         "current 3 (sha256 "
         + json.loads((runs.three_photos / "summary.json").read_text())["definitions"]["images"]["sha256"][:12]
-        + "); measure the same images (same folder or list, same --limit and --seed) or pass --allow-other-images"
+        + "): 1 of baseline's images is not in current, 0 of current's not in baseline; measure the same images "
+        "(same files, same --limit and --seed) or pass --allow-other-images"
     )
     r = invoke("check", runs.patch, runs.three_photos, "--allow-other-images", "--atol", "1", "--rtol", "1")
     assert r.exit_code == 0, r.output
@@ -363,8 +394,14 @@ def test_tolerance_rejects_unknown_metrics_in_the_library():
     ("edit", "message"),
     [
         (lambda df: df.iloc[0:0], "has no rows"),
-        (lambda df: df.assign(mean=df["mean"].astype(object).where(df.index != 0, "abc")), "column mean holds"),
-        (lambda df: df.assign(layer=df["layer"].astype(object).where(df.index != 0, "x")), "column layer holds"),
+        (
+            lambda df: df.assign(mean=df["mean"].astype(object).where(df.index != 0, "abc")),
+            "mean in row 1 (attention_std layer 1) is 'abc'; expected a finite number",
+        ),
+        (
+            lambda df: df.assign(layer=df["layer"].astype(object).where(df.index != 0, "x")),
+            "layer in row 1 (attention_std layer x) is 'x'; expected a whole number >= 0",
+        ),
     ],
     ids=["header-only", "text-mean", "text-layer"],
 )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from oversmooth_cli.errors import UserError
 from oversmooth_cli.measuring.config import MeasureConfig
-from oversmooth_cli.measuring.monitor import MONITOR_COLUMNS, OversmoothingMonitor
+from oversmooth_cli.measuring.monitor import MONITOR_COLUMNS, MonitorWarning, OversmoothingMonitor
 
 from .._helpers import DIGITS_VAL, SEED, TINY_ARCH, TINY_ARGS, digit_images, load_example, torch_threads
 
@@ -141,6 +141,36 @@ def test_lightning_callback_finds_the_model_and_checks_the_probe_early(tmp_path)
     fit(callback, [MemoryLogger()], module)
     assert callback.monitor.model is module.model and callback.monitor.batch_size == 1
     assert sorted(callback.history["step"].unique()) == [0, 2]
+
+
+def test_lightning_callback_history_survives_a_resumed_fit(tmp_path):
+    """The history is in the checkpoint (``state_dict``): a fit resumed from it continues the table; before, the
+    resumed callback started empty and measured the resume step again."""
+    first = OversmoothingCallback(PROBE[:2], every=1)
+    trainer = fit(first, [MemoryLogger()])
+    ckpt = tmp_path / "two-steps.ckpt"
+    trainer.save_checkpoint(ckpt)
+    memory = MemoryLogger()
+    second = OversmoothingCallback(PROBE[:2], every=1)
+    resumed = L.Trainer(
+        max_steps=2 * STEPS, accelerator="cpu", callbacks=[second], logger=[memory], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+    )  # fmt: skip
+    resumed.fit(LitTiny(), random_batches(), ckpt_path=ckpt)
+    history = second.history
+    assert history.groupby("step").size().index.tolist() == [0, 1, 2, 3, 4]
+    assert not history.duplicated(["step", "layer", "metric"]).any()
+    pd.testing.assert_frame_equal(history[history["step"] <= STEPS].reset_index(drop=True), first.history)
+    assert sorted({step for step, _ in memory.calls if step is not None}) == [3, 4]  # logged once, when measured
+    assert second.state_dict()["history"] == history.to_dict("records")
+
+
+def test_lightning_callback_without_a_logger_warns_once(recwarn):
+    callback = OversmoothingCallback(PROBE[:2], every=1)
+    fit(callback, False)
+    assert sorted(callback.history["step"].unique()) == [0, 1, 2]  # measured all the same
+    hits = [w for w in recwarn if issubclass(w.category, MonitorWarning) and "no logger" in str(w.message)]
+    assert len(hits) == 1, [str(w.message) for w in recwarn]
 
 
 # -- TensorBoard ----------------------------------------------------------------------------------------------------

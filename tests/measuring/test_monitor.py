@@ -305,6 +305,26 @@ def test_bad_settings_are_user_errors(kwargs, message):
         OversmoothingMonitor(make_trainable(), PROBE[:1], **{"every": 10, **kwargs})
 
 
+@pytest.mark.parametrize(
+    ("probe", "message"),
+    [
+        (torch.zeros(2, 3, 64, 64), r"^the probe of shape \(2, 3, 64, 64\) does not fit VisionTransformer .*"
+         r"give images of shape \(N, 3, 32, 32\)$"),
+        (torch.zeros(2, 1, 32, 32), r"^the probe has 1 channels .*takes images of shape \(N, 3, 32, 32\)$"),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.float64), r"^the probe is torch.float64 but .*torch.float32"),
+    ],
+    ids=["64px-for-a-32px-model", "one-channel", "float64"],
+)  # fmt: skip
+def test_a_probe_the_model_cannot_take_is_one_error_at_construction(probe, message):
+    """Before: a 64 px probe for a 32 px model was accepted, then failed at every step."""
+    model = make_trainable()
+    rng, training = torch.get_rng_state(), model.training
+    with pytest.raises(UserError, match=message) as e:
+        OversmoothingMonitor(model, probe, every=1)
+    assert "\n" not in str(e.value)
+    assert torch.equal(rng, torch.get_rng_state()) and model.training == training
+
+
 def test_a_model_without_attention_is_a_user_error_at_construction():
     cnn = timm.create_model("resnet18", num_classes=4, pretrained=False)
     with pytest.raises(UserError, match="resnet"):

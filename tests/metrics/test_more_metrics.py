@@ -6,6 +6,7 @@ values, HSIC with a centring matrix instead of centred Gram matrices), never the
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -571,3 +572,73 @@ def test_cli_unknown_metric_is_bad_input(tiny_folder, few_images, tmp_path):
     assert res.exit_code == 2
     assert res.stderr.strip().startswith("Error: unknown metric(s) entropy; known: token_cosine")
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+# -- attention entropy on talking-heads attention ------------------------------------------------------------------
+def _cait_softmax(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """CaiT's talking-heads softmax maps from the block's attention input, in the module's dtype (float64 here)."""
+    B, N, C = x.shape
+    H = attn.num_heads
+    qkv = attn.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+    logits = (qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1)
+    return attn.proj_l(logits.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(dim=-1)
+
+
+def _efficientformer_v2_softmax(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """EfficientFormer-V2's talking-heads softmax maps (before ``talking_head2`` mixes them)."""
+    if attn.stride_conv is not None:
+        x = attn.stride_conv(x)
+    B, H = x.shape[0], attn.num_heads
+    q = attn.q(x).reshape(B, H, -1, attn.N).permute(0, 1, 3, 2)
+    k = attn.k(x).reshape(B, H, -1, attn.N)
+    logits = (q @ k) * attn.scale + attn.get_attention_biases(x.device)
+    return attn.talking_head1(logits).softmax(dim=-1)
+
+
+@pytest.mark.parametrize(
+    ("family", "reference"), [("cait", _cait_softmax), ("efficientformer_v2", _efficientformer_v2_softmax)]
+)
+def test_attention_entropy_of_talking_heads_is_the_entropy_of_their_softmax_maps(family, reference):
+    """Talking heads mix the heads' softmax maps after the softmax, into weights of any sign: the entropy (NaN from
+    those weights before) is that of the softmax maps, equal to a float64 recomputation from the block's input."""
+    from oversmooth_cli.measuring.config import MeasureConfig
+    from oversmooth_cli.measuring.run import measure_batches
+    from oversmooth_cli.measuring.summary import layer_table
+    from oversmooth_cli.reading.registry import resolve_adapter
+    from oversmooth_cli.reading.small_models import SMALL_MODELS
+
+    recipe = SMALL_MODELS[family]
+    model = recipe.create()
+    with torch.no_grad():  # sharper, non-uniform attention than random init gives
+        for name, p in model.named_parameters():
+            if name.endswith(("qkv.weight", "q.conv.weight", "k.conv.weight", "proj_l.weight", "talking_head1.weight")):
+                p.mul_(25.0)
+    x = torch.randn(3, 3, recipe.img_size, recipe.img_size, generator=torch.Generator().manual_seed(0))
+    metrics = "attention_entropy,attention_entropy_normalised,attention_std"
+    result = measure_batches(model, iter([(x, [0, 1, 2], [])]), torch.device("cpu"), MeasureConfig(metrics=metrics))
+    got = layer_table(result).set_index(["metric", "layer"])["mean"]
+
+    ref_model = copy.deepcopy(model).double()
+    specs = resolve_adapter(ref_model).block_specs(ref_model)
+    talking = {i: s for i, s in enumerate(specs, start=1) if s.attention is not None and s.group.reader != "intercept"}
+    assert talking, "the family has talking-heads layers"
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        s.attention.register_forward_pre_hook(lambda _m, a, i=i: inputs.__setitem__(i, a[0]))
+        for i, s in talking.items()
+    ]
+    with torch.no_grad():
+        ref_model(x.double())
+        for h in hooks:
+            h.remove()
+        for layer, spec in talking.items():
+            probs = reference(spec.attention, inputs[layer])[:, :, spec.query_prefix :]
+            entropy = -(probs * probs.log()).sum(-1)  # (B, H, T): no zero in a softmax of finite logits
+            for name, scale in (
+                ("attention_entropy", 1.0),
+                ("attention_entropy_normalised", math.log(probs.shape[-1])),
+            ):
+                want = (entropy / scale).mean(dim=(1, 2)).mean().item()
+                assert math.isfinite(got[(name, layer)]), (name, layer)
+                assert got[(name, layer)] == pytest.approx(want, abs=1e-5), (name, layer)
+            assert entropy.mean().item() < 0.98 * math.log(probs.shape[-1])  # not the uniform map

@@ -26,11 +26,10 @@ from oversmooth_cli.io import read_layers
 from oversmooth_cli.plots import stage_boundaries
 from oversmooth_cli.reading.capture import OversmoothingCapture
 from oversmooth_cli.reading.readers import UnsupportedModelError
-from oversmooth_cli.reading.registry import ADAPTERS, UNSUPPORTED, BlockSpec, resolve_adapter
+from oversmooth_cli.reading.registry import ADAPTERS, UNSUPPORTED, BlockSpec, architecture_support, resolve_adapter
 from oversmooth_cli.reading.small_models import SMALL_MODELS, VIT
 
 from .._helpers import (
-    REPO,
     SdpaCalls,
     assert_same_values,
     attention_chunks,
@@ -182,7 +181,7 @@ def tapped(specs: list[BlockSpec], mode: str) -> Iterator[tuple[dict, dict]]:
         maps[name] = torch.cat(list(attention_chunks(q, k, scale, bias=bias)), dim=-2)
         sources[name] = "qk"
 
-    def on_probs(name, probs):
+    def on_probs(name, probs, distributions=None):  # the weights applied (talking heads: after their mixing)
         maps[name] = probs.detach().float().clone()
         sources[name] = "probs"
 
@@ -364,8 +363,8 @@ def test_unsupported_models_get_one_line_naming_the_family():
         resolve_adapter(timm.create_model("resnet18", pretrained=False, num_classes=0))
     assert "\n" not in str(e.value)
     convnet = timm.create_model("test_byobnet", pretrained=False, num_classes=0)  # same module as MobileViT
-    with pytest.raises(UnsupportedModelError, match=r"ByobNet has no blocks matching .*no attention blocks"):
-        OversmoothingCapture(convnet)
+    with pytest.raises(UnsupportedModelError, match=r"^test_byobnet \(ByobNet, family byobnet\) is convolution-only"):
+        OversmoothingCapture(convnet)  # its own name, not bat_resnext26ts's (the family's recorded reason)
     for family, reason in UNSUPPORTED.items():
         assert reason and "\n" not in reason, family
 
@@ -386,6 +385,28 @@ def test_models_command_lists_architectures_with_their_support():
     assert result.exit_code == 0 and re.search(r"resnet18 +│ resnet +│ no attention", result.output)
     result = invoke("models", "no_such_model*")
     assert result.exit_code == 2 and "no timm architecture matches 'no_such_model*'" in result.output
+
+
+def test_models_command_gives_the_status_of_each_architecture():
+    """Before: the status was the family's, so a convolution-only MobileNetV3 was "measured" and every ByobNet
+    refusal named bat_resnext26ts."""
+    result = invoke("models", "mobilenetv*", env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert re.search(r"mobilenetv3_large_100 +│ mobilenetv3 +│ no attention +│ - +│ -", result.output)
+    assert re.search(r"mobilenetv4_conv_small +│ mobilenetv3 +│ no attention", result.output)
+    assert re.search(r"mobilenetv4_hybrid_medium +│ mobilenetv3 +│ measured +│ all layers", result.output)
+    for arch, status in (("gernet_s", "no attention"), ("bat_resnext26ts", "unsupported")):
+        result = invoke("models", arch, env={"COLUMNS": "250"})
+        assert result.exit_code == 0 and re.search(rf"{arch} +│ byobnet +│ {status}", result.output), result.output
+        assert f"{arch}: {arch} (ByobNet, family byobnet)" in " ".join(result.output.split())
+    support = architecture_support("gernet_s", "byobnet")
+    assert support.status == "no attention" and "bat_resnext26ts" not in support.note
+
+
+def test_measure_refuses_a_convolution_only_model_naming_it(tmp_path, few_images):
+    result = invoke("measure", "mobilenetv3_small_050", few_images, "--out", tmp_path / "r", "--device", "cpu")
+    assert result.exit_code == 2
+    assert "mobilenetv3_small_050 (MobileNetV3, family mobilenetv3) is convolution-only" in result.output
 
 
 def test_measure_a_hierarchical_model_writes_stages_and_tokens(tmp_path, few_images):
@@ -428,12 +449,16 @@ def test_old_layers_csv_without_stage_columns_still_reads(tmp_path):
     assert stage_boundaries(df) == []
 
 
-def test_compatibility_doc_lists_every_family(compat_script):
-    doc = (REPO / "docs" / "compatibility.md").read_text()
-    compat = compat_script
-    total = len(compat.families())
-    match = re.search(r"\*\*(\d+) of (\d+) families measured\*\*", doc)
-    assert match and int(match.group(2)) == total
-    assert int(match.group(1)) == len(ADAPTERS)
-    for family in compat.families():
-        assert f"| {family} |" in doc, family
+def test_compat_table_passes_a_term_only_when_its_own_gradient_reaches_the_weights(compat_script, monkeypatch):
+    """Cross-entropy alone moves the weights, so "one step moved them" showed nothing about the term: a term without
+    a gradient of its own (here l_cos times zero) is refused now, and the real terms still pass."""
+    from oversmooth_cli.training import losses
+
+    monkeypatch.setitem(losses.LOSS_TERMS, "cos", losses.LossTerm("cos", lambda t: losses.l_cos(t.h) * 0.0, "0"))
+    passed, refused = compat_script.finetune_family("vision_transformer", compat_script._photos())
+    assert passed == ("cons", "token")
+    assert refused == (("cos", "its own gradient (the term alone, without cross-entropy) does not reach the weights "
+                                "of the blocks"),)  # fmt: skip
+    monkeypatch.setitem(losses.LOSS_TERMS, "cos", losses.LossTerm("cos", lambda t: t.h.detach().sum(), "no graph"))
+    passed, refused = compat_script.finetune_family("vision_transformer", compat_script._photos())
+    assert "cos" not in passed and "carries no gradient" in dict(refused)["cos"]

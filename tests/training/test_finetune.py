@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -223,6 +225,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(digits, full_run, tmp
     train, val = digits
     full, res = full_run
     assert res.exit_code == 0, res.output
+    found = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under `nohup pytest &` and some CIs
 
     def ctrl_c(info: trainer.StepInfo) -> None:  # Ctrl-C during epoch 2; the run stops after the next step
         if (info.epoch, info.step) == (2, 1):
@@ -233,7 +236,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(digits, full_run, tmp
     assert not (tmp_path / "part" / "after").exists() and part.history["epoch"].tolist() == [0, 1]
     state = torch.load(tmp_path / "part" / "train_state.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 7)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) == found  # the handler found before the run, whatever the shell set
 
     res = invoke(
         "finetune", TINY_ARCH, train, "--val-dir", val, "--resume", tmp_path / "part", "--loss", "cos,cons,token",
@@ -250,6 +253,23 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(digits, full_run, tmp
     pd.testing.assert_frame_equal(
         pd.read_csv(full / "after" / "layers.csv"), pd.read_csv(tmp_path / "part" / "after" / "layers.csv")
     )
+
+
+@pytest.mark.parametrize("found", [signal.SIG_IGN, signal.default_int_handler, lambda *_: None], ids=str)
+def test_ctrl_c_handling_puts_back_the_sigint_handler_it_found(found):
+    """``nohup pytest &`` and some CI runners start with SIGINT ignored: the handler after a run is the one found."""
+    previous = signal.signal(signal.SIGINT, found)
+    try:
+        with trainer.StopRequest() as stop:
+            assert signal.getsignal(signal.SIGINT) not in (found, signal.SIG_IGN)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested and signal.getsignal(signal.SIGINT) == found
+        assert signal.getsignal(signal.SIGINT) == found
+        with trainer.StopRequest():
+            pass
+        assert signal.getsignal(signal.SIGINT) == found
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.slow
@@ -274,8 +294,10 @@ def test_accumulation_and_workers_give_the_same_training(digits, tmp_path, monke
         assert torch.load(out / "train_state.pt", weights_only=True)["global_step"] == 5
     assert len(norms["plain"]) == len(norms["accum"]) == 5
     torch.testing.assert_close(torch.stack(norms["accum"]), torch.stack(norms["plain"]), rtol=1e-4, atol=1e-6)
-    for k, v in results["plain"].items():
-        torch.testing.assert_close(results["accum"][k], v, rtol=1e-4, atol=1e-5)
+    for k, v in results["plain"].items():  # two micro-batches sum in another order
+        torch.testing.assert_close(
+            results["accum"][k], v, rtol=1e-4, atol=3e-5
+        )  # two micro-batches sum in another order
 
 
 @pytest.mark.slow
@@ -296,7 +318,10 @@ def test_ctrl_c_on_the_command_line_saves_and_exits_130(digits, tmp_path, monkey
     res = invoke("finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, "--loss", "none", *ONE_EPOCH,
                  *MODEL_ARGS)  # fmt: skip
     assert res.exit_code == 130, res.output
-    assert f"Interrupted at epoch 1, step 3: saved a resumable checkpoint; continue with --resume {out}" in res.stderr
+    hint = "Interrupted at epoch 1, step 3: saved a resumable checkpoint; continue with: oversmooth finetune --resume "
+    assert hint in res.stderr
+    again = shlex.split(res.stderr.split("continue with: ", 1)[1].splitlines()[0])
+    assert again == ["oversmooth", "finetune", "--resume", str(out), "--device", "cpu"]
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 3, 3)
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [0] and not (out / "after").exists()
@@ -307,10 +332,36 @@ def test_ctrl_c_on_the_command_line_saves_and_exits_130(digits, tmp_path, monkey
     load = json.loads((tmp_path / "measured" / "summary.json").read_text())["model"]["load"]
     assert Path(load["weights_file"]).name == "checkpoint-last.safetensors"
     monkeypatch.setattr(trainer.Trainer, "train_window", real)
-    res = invoke("finetune", TINY_ARCH, train, "--val-dir", val, "--resume", out, "--loss", "none", *ONE_EPOCH,
-                 *MODEL_ARGS)  # fmt: skip
+    res = invoke(*again[1:])  # the hint, as printed: the model, folders and options come from the run folder
     assert res.exit_code == 0, res.output
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [0, 1]
+
+
+def test_a_refusal_is_the_only_line_no_note_before_it(digits, tmp_path, monkeypatch):
+    """The head-reset note used to print before the error of a loss term the model refuses."""
+    train, val = digits
+
+    def refuse(*_args, **_kwargs):
+        raise UserError("VisionTransformer cannot run --loss token: a refusal")
+
+    monkeypatch.setattr(finetune, "_criterion", refuse)
+    res = invoke("finetune", TINY_ARCH, train, "--val-dir", val, "--out", tmp_path / "run", *ONE_EPOCH, *MODEL_ARGS)
+    assert _one_line(res) == "Error: VisionTransformer cannot run --loss token: a refusal"
+
+
+@pytest.mark.parametrize(("rank", "shown"), [("0", True), ("1", False)])
+def test_notes_print_on_rank_0_only(rank, shown, monkeypatch, capsys):
+    """Under torchrun every rank runs the command; before the process group exists only ``RANK`` tells them apart."""
+    cli_app = importlib.import_module("oversmooth_cli.cli.app")
+    cli_finetune = importlib.import_module("oversmooth_cli.cli.finetune")
+
+    monkeypatch.setenv("RANK", rank)
+    notes = cli_finetune._Notes(quiet=False)
+    notes.add("classifier head reset to 4 classes (the model had 1000)")
+    assert capsys.readouterr().err == ""  # held until training is under way
+    notes.flush()
+    assert ("Note: classifier head reset" in capsys.readouterr().err) is shown
+    assert cli_app._is_main() is shown
 
 
 def test_resume_refuses_other_options(digits, full_run):
@@ -320,7 +371,18 @@ def test_resume_refuses_other_options(digits, full_run):
     slower = ["--lr", "1e-3"]  # the last --lr wins
     res = invoke("finetune", TINY_ARCH, train, "--val-dir", val, "--resume", out, "--loss", "cos,cons,token",
                  "--cutmix-prob", "1", *COMMON, *slower, *MODEL_ARGS)  # fmt: skip
-    assert "lr: run used 0.002, now 0.001" in _one_line(res)
+    assert f"--resume {out}: --lr: the run used 0.002, now 0.001; drop it" in _one_line(res)
+    # beside --resume, only the options given are compared, and only the first difference is named
+    res = invoke("finetune", "--resume", out, "--epochs", "3", "--loss", "cos")
+    assert "--loss: the run used ['cos', 'cons', 'token'], now ['cos']; drop it" in _one_line(res)
+    res = invoke("finetune", "--resume", out, "--epochs", "3", "--loss", "token,cons,cos")
+    assert "--epochs: the run used 2, now 3; drop it" in _one_line(res)
+    res = invoke("finetune", TINY_ARCH, val, "--resume", out, "--loss", "cos,cons,token", "--device", "cpu")
+    assert f"TRAIN_DIR: the run used {str(train.resolve())!r}, now {str(val.resolve())!r}" in _one_line(res)
+    res = invoke("finetune", "--resume", out, "--model-arg", "depth=3")
+    assert "--model-arg: the run used" in _one_line(res)
+    res = invoke("finetune", "--resume", out.parent / "nowhere")
+    assert "no train_state.pt there" in _one_line(res)
     res = invoke("finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, *MODEL_ARGS)
     assert "--overwrite" in _one_line(res)
     assert (out / "train_state.pt").read_bytes() == before
