@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import warnings
 from collections.abc import Iterable
@@ -39,6 +38,7 @@ import timm
 import torch
 from torch import nn
 
+from oversmooth_cli.reading.registry import attention_classes
 from oversmooth_cli.reading.small_models import SMALL_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,30 +225,10 @@ def record(results: Iterable[FamilyResult]) -> str:
     return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
 
 
-ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
-"""Class names of attention modules: timm names them ``*Attention*`` / ``*Attn*`` ..."""
-ATTENTION_ACRONYMS = frozenset({"MHSA", "GPSA", "SHSA", "SHMA", "XCA", "LiteMLA", "LambdaLayer"})
-"""... or by an acronym: multi-head / gated positional / single-head self-attention (ConViT, SHViT), single-head
-modulation attention (iFormer), cross-covariance attention (XCiT), lite multi-scale linear attention (EfficientViT-MiT),
-lambda layers."""
-CHANNEL_GATES = frozenset(
-    f"timm.layers.{m}"
-    for m in ("squeeze_excite", "eca", "cbam", "gather_excite", "global_context", "selective_kernel", "split_attn")
-)
-"""``timm.layers`` modules of channel and spatial gates named like attention (CBAM's ``ChannelAttn``, ResNeSt's
-``SplitAttn``, SKNet's ``SelectiveKernelAttn``...): they weight channels or pixels, they do not attend between
-tokens."""
-
-
 def has_attention(model: nn.Module) -> list[str]:
-    """The attention module classes in ``model`` (empty: none): classes named like attention
-    (:data:`ATTENTION_NAME`, :data:`ATTENTION_ACRONYMS`), channel / spatial gates (:data:`CHANNEL_GATES`) excepted."""
-    classes = {type(m) for m in model.modules()}
-    return sorted(
-        c.__name__
-        for c in classes
-        if (ATTENTION_NAME.search(c.__name__) or c.__name__ in ATTENTION_ACRONYMS) and c.__module__ not in CHANNEL_GATES
-    )
+    """The attention module classes in ``model`` (empty: none): the package's rule,
+    :func:`oversmooth_cli.reading.registry.attention_classes`."""
+    return attention_classes(model)
 
 
 def first_attention_model(module: str) -> tuple[str, list[str]] | None:
