@@ -384,8 +384,11 @@ class WeightsReader(AttentionReader):
         return hooks, undo
 
 
-def _collect_softmax(attn: nn.Module, maps: list[torch.Tensor]) -> list:
-    """Hooks keeping, in ``maps``, every softmax output of each forward of ``attn`` (emptied when the next starts)."""
+def _collect_softmax(
+    attn: nn.Module, maps: list[torch.Tensor], on_leave: Callable[[list[torch.Tensor]], None] | None = None
+) -> list:
+    """Hooks keeping, in ``maps``, every softmax output of each forward of ``attn``; when the forward returns,
+    ``on_leave(maps)`` sees them (not after a failed forward), then they are dropped."""
     active: list[_CollectSoftmax] = []
 
     def enter(_m, _args):
@@ -393,9 +396,11 @@ def _collect_softmax(attn: nn.Module, maps: list[torch.Tensor]) -> list:
         active.append(_CollectSoftmax(maps))
         active[-1].__enter__()
 
-    def leave(_m, _args, _out):
+    def leave(_m, _args, out):
         if active:
             active.pop().__exit__(None, None, None)
+        if on_leave is not None and maps and out is not None:  # None: the forward failed (the mode is left anyway)
+            on_leave(maps)
         maps.clear()
 
     return [attn.register_forward_pre_hook(enter), attn.register_forward_hook(leave, always_call=True)]
@@ -425,21 +430,7 @@ class CascadedHeadsReader(AttentionReader):
 
     def install(self, attn: nn.Module, mode: str, sink: ReaderSink, heads_dim: int = -3) -> tuple[list, Undo]:
         maps: list[torch.Tensor] = []
-        active: list[_CollectSoftmax] = []
-
-        def enter(_m, _args):
-            maps.clear()
-            active.append(_CollectSoftmax(maps))
-            active[-1].__enter__()
-
-        def leave(_m, _args, _out):
-            if active:
-                active.pop().__exit__(None, None, None)
-            if maps and _out is not None:  # None: the forward failed (the mode is left all the same)
-                sink.probs(torch.stack(maps, dim=1))
-            maps.clear()
-
-        hooks = [attn.register_forward_pre_hook(enter), attn.register_forward_hook(leave, always_call=True)]
+        hooks = _collect_softmax(attn, maps, lambda heads: sink.probs(torch.stack(heads, dim=1)))
         return hooks, lambda: None
 
 
