@@ -11,9 +11,11 @@ Runs are parallel processes with one thread each (``--jobs``); a (candidate, see
 same commit is skipped, so the sweep can be stopped and started again (e.g. in the background across sessions):
 
     nohup python benchmarks/defaults_sweep.py --jobs 2 > sweep.log 2>&1 &
+    python benchmarks/defaults_sweep.py --candidates current,former --data textures   # another kind of image
     python benchmarks/defaults_sweep.py --report      # the table per candidate, from the CSV alone
 
-Results: ``benchmarks/results/defaults_sweep.csv`` (one row per run).
+Results: ``benchmarks/results/defaults_sweep.csv`` (one row per run; ``defaults_sweep_textures.csv`` for
+``--data textures``).
 """
 
 from __future__ import annotations
@@ -37,20 +39,24 @@ RESULTS = REPO / "benchmarks" / "results" / "defaults_sweep.csv"
 BASE = ["--hflip", "0", "--epochs", "5", "--control", "-q", "--device", "cpu"]
 """Options every run shares (issue 22: the bundled example, no flips, 5 epochs, with its --loss none twin)."""
 
+FORMER = ["--lr", "5e-5", "--w-cos", "0.5", "--cutmix-prob", "0.5"]
+"""The defaults before this sweep (issue 22): with them the losses raised the last-layer token cosine."""
+
 CANDIDATES: dict[str, list[str]] = {
     "current": [],
-    "cutmix1": ["--cutmix-prob", "1.0"],
-    "lr1e-4": ["--lr", "1e-4"],
-    "lr2e-4": ["--lr", "2e-4"],
-    "cutmix1-lr1e-4": ["--cutmix-prob", "1.0", "--lr", "1e-4"],
-    "cutmix1-lr2e-4": ["--cutmix-prob", "1.0", "--lr", "2e-4"],
-    "cutmix1-cos1": ["--cutmix-prob", "1.0", "--w-cos", "1.0"],
-    "cutmix1-token0.5": ["--cutmix-prob", "1.0", "--w-token", "0.5"],
-    "cutmix1-cos1-lr1e-4": ["--cutmix-prob", "1.0", "--w-cos", "1.0", "--lr", "1e-4"],
-    "cutmix1-cos2-lr1e-4": ["--cutmix-prob", "1.0", "--w-cos", "2.0", "--lr", "1e-4"],
+    "former": FORMER,
+    "cutmix1": ["--lr", "5e-5", "--w-cos", "0.5", "--cutmix-prob", "1.0"],
+    "lr1e-4": ["--lr", "1e-4", "--w-cos", "0.5", "--cutmix-prob", "0.5"],
+    "cutmix1-lr1e-4": ["--lr", "1e-4", "--w-cos", "0.5", "--cutmix-prob", "1.0"],
+    "cutmix1-cos2-lr1e-4": ["--lr", "1e-4", "--w-cos", "2.0", "--cutmix-prob", "1.0"],
 }
-"""Candidate defaults, by name: the options added to :data:`BASE` (CutMix probability when token is on, the term
-weights, the learning rate)."""
+"""Candidate defaults, by name: the options added to :data:`BASE`, each spelling out the learning rate, the weight of
+``cos`` and the CutMix probability, so a name means the same run whatever the defaults are; ``current`` is the
+defaults of the tree that runs (``--lr 1e-4 --w-cos 1 --cutmix-prob 1`` since this sweep chose them)."""
+
+DATA = {"digits": DIGITS, "textures": REPO / "runs" / "textures"}
+"""The labelled sets (``--data``): the bundled model's digits, and grayscale texture crops made by
+``benchmarks/make_textures.py`` (another kind of image, six classes), each with its own results CSV."""
 
 COLUMNS = [
     "candidate",
@@ -77,6 +83,11 @@ def commit() -> str:
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def results_path(data: str) -> Path:
+    """``benchmarks/results/defaults_sweep.csv`` for the digits, ``defaults_sweep_<data>.csv`` for another set."""
+    return RESULTS if data == "digits" else RESULTS.with_name(f"defaults_sweep_{data}.csv")
 
 
 def torch_version() -> str:
@@ -136,11 +147,14 @@ def append(path: Path, row: dict[str, object]) -> None:
         writer.writerow(row)
 
 
-def report(path: Path) -> str:
-    """One line per candidate and commit: per-seed cosine and top-1 differences, and whether it meets the target."""
+def report(path: Path, latest: bool = False) -> str:
+    """One line per candidate and commit: per-seed cosine and top-1 differences, and whether it meets the target
+    (``latest``: the rows of the CSV's last commit only)."""
     import pandas as pd
 
     df = pd.read_csv(path)
+    if latest:
+        df = df[df["commit"] == df["commit"].iloc[-1]]
     lines = [
         "| candidate | commit | seeds | cosine diff per seed | top-1 diff per seed | McNemar p per seed |"
         " mean top-1 diff | meets |",
@@ -164,13 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated names (default: all)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=2, help="parallel runs, one thread each")
-    parser.add_argument("--train", type=Path, default=DIGITS / "train")
-    parser.add_argument("--val", type=Path, default=DIGITS / "val")
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--data", choices=list(DATA), default="digits", help="the labelled set (train/ and val/)")
+    parser.add_argument("--results", type=Path, default=None, help="default: results/defaults_sweep[_DATA].csv")
     parser.add_argument("--report", action="store_true", help="print the table from the CSV and exit")
+    parser.add_argument("--latest", action="store_true", help="with --report: the last commit's rows only")
     args = parser.parse_args(argv)
+    args.results = args.results or results_path(args.data)
+    args.train, args.val = DATA[args.data] / "train", DATA[args.data] / "val"
+    if args.data == "textures" and not args.train.is_dir():
+        from make_textures import make
+
+        make(DATA["textures"])
     if args.report:
-        print(report(args.results))
+        print(report(args.results, args.latest))
         return 0
     code = commit()
     names = [n.strip() for n in args.candidates.split(",") if n.strip()]

@@ -27,6 +27,7 @@ __all__ = [
     "plot_curves",
     "plot_head_heatmap",
     "plot_monitor_heatmap",
+    "plot_seeds",
     "plot_side_by_side",
     "plot_training",
     "save_figure",
@@ -67,6 +68,41 @@ def plot_side_by_side(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(verdict, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_seeds(layers: dict[int, dict[str, pd.DataFrame]], table: pd.DataFrame, verdict: str) -> Any:
+    """``--control --seeds``: (a) token cosine over layers, before / control / treated, one line per seed; (b) the
+    last-layer token cosine and (c) the val top-1 of both arms, one pair per seed, joined."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    colours = {"before": "0.45", "control": "C0", "treated": "C3"}
+    for seed, arms in layers.items():
+        for arm, df in arms.items():
+            rows = df[df["metric"] == "token_cosine"].sort_values("layer")
+            label = arm if seed == next(iter(layers)) else None
+            axes[0].plot(rows["layer"], rows["mean"], marker="o", ms=2, lw=1, color=colours[arm], label=label)
+    axes[0].set_xlabel("layer")
+    _integer_ticks(axes[0].xaxis)
+    axes[0].set_title(f"(a) {metric_label('token_cosine')}, every seed", loc="left", fontsize=11)
+    for ax, column, title in (
+        (axes[1], "cosine", "(b) last-layer token cosine"),
+        (axes[2], "top1", "(c) val top-1 (%)"),
+    ):
+        for row in table.itertuples():
+            pair = [getattr(row, f"control_{column}"), getattr(row, f"treated_{column}")]
+            ax.plot([0, 1], pair, color="0.6", lw=1, zorder=1)
+            ax.scatter([0, 1], pair, c=[colours["control"], colours["treated"]], zorder=2)
+            ax.annotate(f"seed {row.seed}", (1, pair[1]), xytext=(5, 0), textcoords="offset points", fontsize=8)
+        ax.set_xticks([0, 1], ["control (--loss none)", "treated (losses)"])
+        ax.set_xlim(-0.3, 1.5)
+        ax.set_title(title, loc="left", fontsize=11)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(verdict, fontsize=8, wrap=True)
     fig.tight_layout()
     return fig
 

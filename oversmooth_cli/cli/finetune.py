@@ -54,6 +54,16 @@ class FinetuneRun:
             "and write side_by_side.png/.csv/.json with a verdict on the accuracy difference.",
         ),
     ] = False
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds",
+            help="With --control: train the pair once per seed (e.g. 0,1,2 or 0-4) into OUT/seed-<k>/, each equal to "
+            "a separate --control --seed k run, and pool them into pooled.csv/.json/.png: per-seed and mean "
+            "differences with 95% intervals over seeds. Replaces --seed.",
+            show_default=False,
+        ),
+    ] = None
     monitor_every: Annotated[
         int | None,
         typer.Option(
@@ -133,8 +143,17 @@ def finetune_cmd(
     from ..runtime import resolve_device
     from ..training.config import validate_config
     from ..training.finetune import RunHooks, finetune
+    from ..training.seeds import finetune_seeds, parse_seeds, read_seeds_run
 
     out, resume = run.out, run.resume
+    seeds_run = read_seeds_run(resume) if resume is not None else None
+    if seeds_run is not None:  # --resume OUT of a --seeds run: the pair over the saved seeds
+        run = dataclasses.replace(run, control=True, seeds=run.seeds or ",".join(map(str, seeds_run["seeds"])))
+    seeds = parse_seeds(run.seeds) if run.seeds is not None else None
+    if seeds is not None and not run.control:
+        raise UserError("--seeds trains the --control pair once per seed; add --control")
+    if seeds is not None and "seed" in given_options():
+        raise UserError("--seed and --seeds both choose the seed; give one of them")
     with option_checks():  # what the library would refuse later, refused now with the usage hint
         if resume is None:
             missing = [name for name, value in (("MODEL", model), ("TRAIN_DIR", train_dir)) if value is None]
@@ -145,7 +164,8 @@ def finetune_cmd(
     if resume is not None and out is not None and out.resolve() != resume.resolve():
         raise UserError(f"--resume {resume} continues the run in that folder; drop --out {out} or make them equal")
     if resume is not None:
-        saved = _saved_run(resume, given_options(), model, train_dir, val_dir, config, loading)
+        record = seeds_run["run"] if seeds_run is not None else None
+        saved = _saved_run(resume, given_options(), model, train_dir, val_dir, config, loading, record)
         model, train_dir, val_dir, config, loading = saved
     model, train_dir = cast(str, model), cast(Path, train_dir)
     if resume is None:
@@ -155,6 +175,14 @@ def finetune_cmd(
     with make_progress(quiet, unit="steps") as progress:
         on_step, on_epoch = _training_callbacks(progress, config.epochs, quiet, notes)
         hooks = RunHooks(on_step, on_epoch, notes.add, command_line())
+        if seeds is not None:
+            target = cast(Path, resume or out)
+            options = dataclasses.replace(run.options(), control=True)
+            kwargs = {"val_dir": val_dir, "load": loading, "run": options, "hooks": hooks}
+            pooled = finetune_seeds(model, train_dir, target, config, seeds, **kwargs)
+            notes.flush()
+            _finish_seeds(pooled, run, quiet)
+            return
         result = finetune(
             model,
             train_dir,
@@ -195,17 +223,20 @@ def _saved_run(
     val_dir: Path | None,
     config: FinetuneConfig,
     loading: LoadOptions,
+    record: dict[str, Any] | None = None,
 ) -> tuple[str, Path, Path | None, FinetuneConfig, LoadOptions]:
-    """The model, folders, training options and model options saved in the run ``out`` (``--resume OUT`` alone);
-    the ones given on the command line must equal them.
+    """The model, folders, training options and model options saved in the run ``out`` (``--resume OUT`` alone;
+    ``record``: a ``--seeds`` run's, from its seeds.json); the ones given on the command line must equal them.
 
     Raises:
         UserError: one line naming the first given option that differs from the saved run.
     """
     from ..training.state import first_difference, load_train_state
 
-    saved = load_train_state(out)["run"]
+    saved = record if record is not None else load_train_state(out)["run"]
     known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    if record is not None:
+        known.discard("seed")  # each seed's own
     saved_config = {k: v for k, v in saved["config"].items() if k in known}
     typed = dataclasses.asdict(config)
     current = {
@@ -318,13 +349,48 @@ def _finish_finetune(result: Any, run: FinetuneRun, quiet: bool) -> None:
                 str(row.n_images),
             )
         out_console.print(table)
-        out_console.print(result.comparison.verdict, highlight=False)
     extra = ", control/, side_by_side.png/.csv/.json" if result.comparison is not None else ""
     out_console.print(
         f"Wrote {target}/ (checkpoint-last/best.safetensors, config.json, train_state.pt, history.csv, before/, "
         f"after/, compare.png, training.png{extra})",
         highlight=False,
     )
+    if result.comparison is not None:  # the last line: whether the losses lowered over-smoothing, and at what cost
+        out_console.print(result.comparison.verdict, highlight=False)
+
+
+def _finish_seeds(result: Any, run: FinetuneRun, quiet: bool) -> None:
+    """Print a finished (or interrupted: exit 130) ``--seeds`` run: the per-seed table, then the pooled verdict."""
+    if not _is_main():
+        if result.interrupted:
+            raise typer.Exit(130)
+        return
+    if result.interrupted:
+        seed, epoch, step = result.stopped_at
+        err_console.print(
+            f"[yellow]Interrupted[/] in seed {seed} at epoch {epoch}, step {step}: saved a resumable checkpoint; "
+            f"continue with: {escape(resume_command(result.out, run))}",
+            highlight=False,
+        )
+        raise typer.Exit(130)
+    if quiet:
+        return
+    table = Table(title="per seed (final weights, validation images; differences: losses - twin)", title_justify="left")
+    for name in ("seed", "val top-1 losses / twin", "diff", "McNemar p", "last-layer cosine losses / twin", "diff"):
+        table.add_column(name, justify="right")
+    for row in result.table.itertuples():
+        table.add_row(
+            str(row.seed),
+            f"{row.treated_top1:.1f}% / {row.control_top1:.1f}%",
+            f"{row.top1_diff:+.1f}",
+            f"{row.mcnemar_p:.3g}",
+            f"{row.treated_cosine:.3f} / {row.control_cosine:.3f}",
+            f"{row.cosine_diff:+.3f}",
+        )
+    out_console.print(table)
+    seeds = ", ".join(f"seed-{s}/" for s in result.seeds)
+    out_console.print(f"Wrote {escape(str(result.out))}/ ({seeds} seeds.json, pooled.csv/.json/.png)", highlight=False)
+    out_console.print(result.verdict, highlight=False)
 
 
 def _before_after(result: Any) -> str:

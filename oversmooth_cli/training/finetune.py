@@ -59,6 +59,7 @@ __all__ = [
     "RunOptions",
     "finetune",
     "parse_losses",
+    "run_record",
 ]
 
 
@@ -152,7 +153,7 @@ class FinetuneResult:
 
 
 # -- the steps of a run --------------------------------------------------------------------------------------------
-def _run_record(
+def run_record(
     model: str,
     train_dir: str | Path,
     val_dir: str | Path | None,
@@ -419,10 +420,10 @@ def finetune(
     say = log or (lambda _msg: None)
     dev, out = runtime.setup_device(device), Path(out)
     classes, train_samples, val_samples = prepare_data(train_dir, val_dir, cfg.val_split, cfg.seed)
-    run_record = _run_record(model, train_dir, val_dir, load, cfg)
+    record = run_record(model, train_dir, val_dir, load, cfg)
     state = load_train_state(out) if resume else None
     if state is not None:
-        check_same_run(state["run"], run_record, out)
+        check_same_run(state["run"], record, out)
     elif runtime.is_main():
         check_out_dir(out, overwrite, hint=f"pass --overwrite, --resume {out}, or another --out")
 
@@ -447,8 +448,8 @@ def finetune(
         steps_per_epoch=_steps_per_epoch(len(train_samples), cfg),
         patch=patch,
         out=out,
-        run_record=run_record,
-        model_config=_with_definitions(model_config(loaded, classes, run_record), plan),
+        run_record=record,
+        model_config=_with_definitions(model_config(loaded, classes, record), plan),
     )
     before_layers = None
     if state is not None:
