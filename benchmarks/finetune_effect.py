@@ -17,11 +17,12 @@ term weights at the finetune defaults. Each run is :func:`oversmooth_cli.trainin
 ``oversmooth finetune`` runs) in its own process with one thread (``--jobs`` at a time), so a row depends only on
 its settings, the commit and torch: rerunning it there reproduces it exactly.
 
-One row per run goes to ``--results`` (default ``benchmarks/results/finetune_effect.csv``, :data:`COLUMNS`); a run
-whose row is already there for the same commit and settings is skipped, so the study can be stopped and started
+One row per run goes to ``--results`` (default ``benchmarks/results/finetune_effect.csv``, :data:`COLUMNS`), with
+the commit it ran on and the version of the code it ran (:func:`code_version`); a run whose row is already there for
+the same code and settings is skipped, so the study can be stopped and started
 again (in the background, across sessions)::
 
-    nohup python benchmarks/finetune_effect.py --jobs 2 > study.log 2>&1 &   # ~1.5 h on 2 quiet vCPUs
+    nohup python benchmarks/finetune_effect.py --jobs 2 > study.log 2>&1 &   # ~1.2 h on 2 quiet vCPUs
     python benchmarks/finetune_effect.py --report    # the tables and the figure, from the CSV alone
 
 ``--report`` writes ``finetune_effect.png`` beside the CSV: val top-1 and last-layer token cosine against depth,
@@ -71,6 +72,7 @@ COLUMNS = [
     *SETTINGS,
     "seconds",
     "commit",
+    "code",
     "torch",
     "threads",
     "error",
@@ -87,6 +89,17 @@ def commit() -> str:
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def code_version() -> str:
+    """What a row's numbers depend on in the repository: the git tree of ``oversmooth_cli/`` and the blob of this
+    script at HEAD (``-dirty`` when either differs from HEAD). Rows are skipped by it, not by the commit, so a later
+    commit that changes neither (documentation, other benchmarks) continues the study instead of restarting it."""
+    paths = ["oversmooth_cli", "benchmarks/finetune_effect.py"]
+    heads = [f"HEAD:{p}" for p in paths]
+    found = subprocess.run(["git", "rev-parse", *heads], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=REPO, capture_output=True, text=True)
+    return "+".join(h[:12] for h in found.stdout.split()) + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def plan(args: argparse.Namespace) -> list[tuple[int, str, int]]:
@@ -118,7 +131,7 @@ def history_stats(history: Any) -> dict[str, Any]:
     }
 
 
-def run_one(args: argparse.Namespace, depth: int, loss: str, seed: int, code: str) -> dict[str, Any]:
+def run_one(args: argparse.Namespace, depth: int, loss: str, seed: int, code: tuple[str, str]) -> dict[str, Any]:
     """Train one model from scratch in this (fresh, one-thread) process; its row."""
     import pandas as pd
     import torch
@@ -148,7 +161,7 @@ def run_one(args: argparse.Namespace, depth: int, loss: str, seed: int, code: st
     model_args.update(num_heads=args.heads, mlp_ratio=4)
     row: dict[str, Any] = {"depth": depth, "loss": loss, "seed": seed, "val_top1": math.nan, "token_cosine": math.nan}
     row.update({k: getattr(args, k) for k in SETTINGS})
-    row.update(commit=code, torch=torch.__version__, threads=torch.get_num_threads())
+    row.update(commit=code[0], code=code[1], torch=torch.__version__, threads=torch.get_num_threads())
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="oversmooth-study-") as scratch:
         try:
@@ -182,12 +195,12 @@ def _settings_key(row: dict[str, Any]) -> tuple[str, ...]:
 
 
 def done(path: Path, code: str, args: argparse.Namespace) -> set[tuple[int, str, int]]:
-    """The (depth, loss, seed) runs already in the CSV for this commit and these settings."""
+    """The (depth, loss, seed) runs already in the CSV for this code (:func:`code_version`) and these settings."""
     if not path.is_file():
         return set()
     want = _settings_key({k: getattr(args, k) for k in SETTINGS})
     with path.open() as f:
-        rows = [r for r in csv.DictReader(f) if r["commit"] == code and _settings_key(r) == want]
+        rows = [r for r in csv.DictReader(f) if r["code"] == code and _settings_key(r) == want]
     return {(int(r["depth"]), r["loss"], int(r["seed"])) for r in rows}
 
 
@@ -203,11 +216,11 @@ def append(path: Path, row: dict[str, Any]) -> None:
 
 # -- the report, from the CSV alone --------------------------------------------------------------------------------
 def _latest(path: Path) -> Any:
-    """The CSV's rows of its most recent commit (the rows a report reads)."""
+    """The CSV's rows of its most recent code version (the rows a report reads)."""
     import pandas as pd
 
     df = pd.read_csv(path)
-    return df[df["commit"] == df["commit"].iloc[-1]]
+    return df[df["code"] == df["code"].iloc[-1]]
 
 
 def _mean_ci(values: Any) -> tuple[float, float]:
@@ -263,8 +276,10 @@ def table(path: Path = RESULTS) -> str:
         )
     first = df.iloc[0]
     settings = ", ".join(f"{k} {first[k]:g}" for k in SETTINGS)
+    commits = ", ".join(sorted(df["commit"].unique()))
     return "\n".join(lines) + (
-        f"\n\n{len(df)} runs on commit {first['commit']}, torch {first['torch']}, {int(first['threads'])} thread each; "
+        f"\n\n{len(df)} runs on commit {commits} (code {first['code']}), torch {first['torch']}, "
+        f"{int(first['threads'])} thread each; "
         f"{settings}. ± is the half-width of the 95% interval over seeds (Student's t); the paired Δ columns are per "
         "seed, against the same seed's `none` run (number of pairs in brackets)."
     )
@@ -300,7 +315,7 @@ def figure(path: Path = RESULTS) -> Path:
         ax.legend(fontsize=8)
     first = df.iloc[0]
     fig.suptitle(
-        f"from scratch on the digits: one point per seed, mean ± 95% interval · commit {first['commit']}", fontsize=9
+        f"from scratch on the digits: one point per seed, mean ± 95% interval · code {first['code']}", fontsize=9
     )
     fig.tight_layout()
     out = path.with_suffix(".png")
@@ -318,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "digits"), help="train/ and val/")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the CSV (one row per run)")
     parser.add_argument("--depths", type=int, nargs="+", default=[6, 12, 24])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--ablation-depth", type=int, default=12)
-    parser.add_argument("--ablation-seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--ablation-seeds", type=int, nargs="*", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--width", type=int, default=64, help="embedding width (divisible by --heads)")
     parser.add_argument("--heads", type=int, default=4)
@@ -335,10 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         print(table(args.results))
         print(f"figure: {figure(args.results)}")
         return 0
-    code = commit()
-    finished = done(args.results, code, args)
+    code = (commit(), code_version())
+    finished = done(args.results, code[1], args)
     todo = [r for r in plan(args) if r not in finished]
-    print(f"commit {code}: {len(todo)} runs to do, {len(finished)} already in {args.results}", flush=True)
+    print(f"commit {code[0]} (code {code[1]}): {len(todo)} to do, {len(finished)} done in {args.results}", flush=True)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker, max_tasks_per_child=1) as pool:
         futures = {pool.submit(run_one, args, *r, code): r for r in todo}
