@@ -46,6 +46,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from defaults_sweep import commit  # noqa: E402  (one definition of a row's commit)
 
 RESULTS = REPO / "benchmarks" / "results" / "finetune_effect.csv"
 
@@ -82,13 +85,6 @@ weights; ``best_epoch`` / ``best_top1`` the epoch of the highest val top-1; ``ep
 >= 80% val top-1 (empty: never); ``largest_loss_spike`` the largest ratio of an epoch's training cross-entropy to the
 lowest of the epochs before it (<= 1: it never rose); ``status`` ``ok``, ``diverged`` (final val top-1 below half the
 best, or final training cross-entropy above 1.5 times the first epoch's), ``non-finite`` or ``error``."""
-
-
-def commit() -> str:
-    """HEAD, with ``-dirty`` when tracked files differ from it (a row must say what code made it)."""
-    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def code_version() -> str:
