@@ -108,7 +108,7 @@ def test_cli_writes_every_output_and_measure_loads_it(digits, full_run, tmp_path
     assert start[["lr", "train_loss", "train_ce", "train_cos", "train_cons", "train_token"]].isna().all()
     for term in ("ce", "cos", "cons", "token"):
         assert trained[f"train_{term}"].notna().all()
-    weights = {"cos": 0.5, "cons": 0.5, "token": 1.0}
+    weights = finetune.FinetuneConfig().weights  # the defaults the run used
     total = trained["train_ce"] + sum(w * trained[f"train_{t}"] for t, w in weights.items())
     assert trained["train_loss"].tolist() == pytest.approx(total.tolist(), rel=1e-6)
     assert history["val_top1"].between(0, 100).all() and history["val_top5"].isna().all()  # top-5 of 4 classes
