@@ -25,7 +25,7 @@ again (in the background, across sessions)::
     nohup python benchmarks/finetune_effect.py --jobs 2 > study.log 2>&1 &   # ~1.2 h on 2 quiet vCPUs
     python benchmarks/finetune_effect.py --report    # the tables and the figure, from the CSV alone
 
-``--report`` writes ``finetune_effect.png`` beside the CSV: val top-1 and last-layer token cosine against depth,
+``--report`` draws ``docs/finetune_effect.png``: val top-1 and last-layer token cosine against depth,
 one point per seed, the mean with its 95% interval over seeds (Student's t).
 """
 
@@ -281,9 +281,13 @@ def table(path: Path = RESULTS) -> str:
     )
 
 
-def figure(path: Path = RESULTS) -> Path:
-    """finetune_effect.png beside the CSV: val top-1 and last-layer token cosine against depth, one point per seed,
-    the mean and its 95% interval, per main arm."""
+FIGURE = REPO / "docs" / "finetune_effect.png"
+"""Where ``--report`` draws the figure (in the documentation, which shows it)."""
+
+
+def figure(path: Path = RESULTS, out: Path = FIGURE) -> Path:
+    """The study's figure: val top-1 and last-layer token cosine against depth, one point per seed, the mean and its
+    95% interval, per main arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -314,7 +318,6 @@ def figure(path: Path = RESULTS) -> Path:
         f"from scratch on the digits: one point per seed, mean ± 95% interval · code {first['code']}", fontsize=9
     )
     fig.tight_layout()
-    out = path.with_suffix(".png")
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.axis import Axis
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.ticker import MaxNLocator
 
 from .io import atomic_write
@@ -27,6 +29,7 @@ __all__ = [
     "plot_curves",
     "plot_head_heatmap",
     "plot_monitor_heatmap",
+    "plot_patch_maps",
     "plot_seeds",
     "plot_side_by_side",
     "plot_training",
@@ -339,4 +342,78 @@ def plot_check(result: CheckResult):
     verdict = "passed" if result.passed else f"{len(result.failures)} of {len(result.rows)} failing"
     t = result.tolerance
     fig.suptitle(f"oversmooth check: {verdict} (sigma {t.sigma:g}, direction {t.direction})", fontsize=10)
+    return fig
+
+
+PATCH_MAP_STYLE = {
+    "similarity": ("viridis", "similarity: mean cosine to the other patches"),
+    "attention": ("magma", "attention to each patch (mean over heads)"),
+}
+"""Colour map and colour-bar label of each kind of per-patch map."""
+
+
+def _cell_mesh(cells: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cell edges in pixels ``(x edges, y edges)`` and the ``(rows, cols)`` values of one map's cells."""
+    rows, cols = int(cells["row"].max()) + 1, int(cells["col"].max()) + 1
+    values = np.full((rows, cols), np.nan)
+    values[cells["row"].to_numpy(int), cells["col"].to_numpy(int)] = cells["value"].to_numpy(float)
+    by_col = cells.drop_duplicates("col").sort_values("col")
+    by_row = cells.drop_duplicates("row").sort_values("row")
+    x_edges = np.append(by_col["x0"].to_numpy(float), by_col["x1"].to_numpy(float)[-1])
+    y_edges = np.append(by_row["y0"].to_numpy(float), by_row["y1"].to_numpy(float)[-1])
+    return x_edges, y_edges, values
+
+
+def plot_patch_maps(
+    inputs: np.ndarray, names: Sequence[str], indices: Sequence[int], cells: pd.DataFrame, title: str | None = None
+) -> plt.Figure:
+    """Per-patch maps over their images: a set of rows per kind of map (similarity, then attention when there is
+    any), one row per sample image in each, one column per layer; each map drawn on its layer's grid over the model
+    input, one colour scale per kind shared by all its panels, with its colour bar beside its rows.
+
+    Args:
+        inputs: ``(K, H, W, 3)`` uint8 model inputs.
+        names: the K images' names (the row labels show the file name).
+        indices: the K images' ``image_index`` in ``cells``.
+        cells: ``patches.csv`` rows (:data:`~oversmooth_cli.reading.patch_maps.PATCH_COLUMNS`).
+        title: figure title.
+    """
+    kinds = [k for k in PATCH_MAP_STYLE if k in set(cells["kind"])]
+    layers = sorted(int(x) for x in cells["layer"].unique())
+    nrows, ncols = max(1, len(indices) * len(kinds)), max(1, len(layers))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.1 + 1.75 * ncols, 0.5 + 1.75 * nrows), squeeze=False,
+                             layout="constrained")  # fmt: skip
+    norms = {}
+    for kind in kinds:
+        v = cells.loc[cells["kind"] == kind, "value"].to_numpy(float)
+        lo, hi = float(np.nanmin(v)), float(np.nanmax(v))
+        norms[kind] = Normalize(lo, hi if hi > lo else lo + 1e-6)
+    rows_of: dict[str, list[Any]] = {kind: [] for kind in kinds}
+    for r, (kind, i) in enumerate((kind, i) for kind in kinds for i in range(len(indices))):
+        height, width = inputs[i].shape[:2]
+        mine = cells[(cells["image_index"] == indices[i]) & (cells["kind"] == kind)]
+        for c, layer in enumerate(layers):
+            ax = axes[r, c]
+            ax.imshow(inputs[i], extent=(0, width, height, 0), interpolation="nearest")
+            one = mine[mine["layer"] == layer]
+            if len(one):
+                x_edges, y_edges, values = _cell_mesh(one)
+                ax.pcolormesh(x_edges, y_edges, values, cmap=PATCH_MAP_STYLE[kind][0], norm=norms[kind], alpha=0.7)
+            else:
+                ax.text(0.5, 0.5, "no map", transform=ax.transAxes, ha="center", va="center", fontsize=7,
+                        color="white", bbox={"facecolor": "0.2", "alpha": 0.6, "lw": 0})  # fmt: skip
+            ax.set_xlim(0, width)
+            ax.set_ylim(height, 0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"layer {layer}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"{Path(names[i]).name}\n{kind}", fontsize=7)
+        rows_of[kind].extend(axes[r, :])
+    for kind in kinds:
+        cmap, label = PATCH_MAP_STYLE[kind]
+        fig.colorbar(ScalarMappable(norm=norms[kind], cmap=cmap), ax=rows_of[kind], label=label, shrink=0.6)
+    if title:
+        fig.suptitle(f"{title} · per-patch maps", fontsize=10)
     return fig

@@ -241,6 +241,30 @@ FINETUNE_OUTPUTS: dict[str, str] = {
 """What each file ``finetune`` writes holds; the names come from :mod:`oversmooth_cli.training.finetune`."""
 
 
+SEEDS_OUTPUTS = {
+    "seed-<k>": "one seed's `--control` run folder (the run, its `control/` twin and their side-by-side), equal to a "
+    "separate `--control --seed k` run",
+    "seeds.json": "the run's model, folders, options (without the seed) and seeds: what `--resume OUT` continues",
+    "pooled.csv": "per seed: val top-1 and last-layer token cosine of both arms, their differences, McNemar's p",
+    "pooled.json": "those rows, the mean differences over seeds with 95% intervals (Student's t over seeds), the "
+    "seeds within noise, the verdict",
+    "pooled.png": "every seed's token-cosine curves, and each seed's last-layer cosine and top-1 in both arms",
+}
+"""What ``--control --seeds`` writes into ``OUT``; the names come from :mod:`oversmooth_cli.training.seeds`."""
+
+
+def seeds_outputs_table() -> str:
+    """The files of a ``--control --seeds`` run folder, as a Markdown table (a name without a description is an
+    error)."""
+    from ..training.seeds import SEEDS_OUTPUT_NAMES
+
+    names = ("seed-<k>", *SEEDS_OUTPUT_NAMES)
+    missing = [n for n in names if n not in SEEDS_OUTPUTS]
+    if missing:
+        raise KeyError(f"--seeds outputs without a description in SEEDS_OUTPUTS: {missing}")
+    return table(("file", "content"), [(f"`{n}`" if "." in n else f"`{n}/`", SEEDS_OUTPUTS[n]) for n in names])
+
+
 def finetune_output_names() -> tuple[str, ...]:
     """Every name ``finetune`` may write into its run folder (``OUTPUT_NAMES`` and the optional ones)."""
     from ..training.finetune import CONTROL_OUTPUT_NAMES, OUTPUT_NAMES, TENSORBOARD_OUTPUT_NAMES
@@ -339,6 +363,7 @@ GENERATORS: dict[str, Callable[..., str]] = {
     "exit-codes": exit_codes_table,
     "options": options_table,
     "finetune-outputs": finetune_outputs_table,
+    "seeds-outputs": seeds_outputs_table,
     "families-summary": families_summary,
     "families": families_table,
     "finetune-refusals": refusals_table,

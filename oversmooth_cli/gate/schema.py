@@ -39,8 +39,18 @@ whole number or null, and ``definitions`` an object holding (each optional):
   absent in summaries that hashed relative paths), ``digests`` (a list of ``count`` hex strings) and ``relative_to``
   (a string, older summaries).
 
+* ``patch_maps`` (the per-patch maps' settings; optional, never compared): an object whose ``requested`` is a whole
+  number >= 0, ``chosen`` and ``layers`` lists of whole numbers >= 0, ``images`` a list of objects with a whole
+  ``index`` >= 0 and a string ``name``, ``kinds`` a list of map kinds (``similarity``, ``attention``), ``attention``
+  and ``files`` lists of strings, ``rule`` a string and ``notes`` an object of strings.
+
 A ``summary.json`` without ``definitions`` (written before the block existed) still loads: what it recorded elsewhere
 is compared and what it did not record is named in the check's notes.
+
+``patches.csv`` (the per-patch maps, :func:`read_patches`; the gate itself never reads it) has the columns
+:data:`~oversmooth_cli.reading.patch_maps.PATCH_COLUMNS`: ``image`` a non-empty string, ``image_index``, ``layer``,
+``row`` and ``col`` whole numbers >= 0, ``kind`` a map kind, ``x0 < x1`` and ``y0 < y1`` finite pixel coordinates
+>= 0, ``value`` a finite number; one row per ``(image_index, layer, kind, row, col)``.
 """
 
 from __future__ import annotations
@@ -58,8 +68,17 @@ from ..errors import UserError, first_line
 from ..io import HEAD_COLUMNS, LAYER_COLUMNS, LAYER_DEFAULTS
 from ..metrics import registry
 from ..metrics.registry import metric_range
+from ..reading.patch_maps import MAP_KINDS, PATCH_COLUMNS
 
-__all__ = ["FIX", "read_summary", "read_table", "validate_summary", "validate_table"]
+__all__ = [
+    "FIX",
+    "read_patches",
+    "read_summary",
+    "read_table",
+    "validate_patches",
+    "validate_summary",
+    "validate_table",
+]
 
 
 FIX = "write the run again with `oversmooth measure` (for a baseline, then `oversmooth baseline`), or restore the file"
@@ -87,8 +106,9 @@ def _numbers(df: pd.DataFrame, column: str) -> pd.Series:
 
 
 def _row_name(df: pd.DataFrame, i: int) -> str:
-    """``row 3 (token_cosine layer 2)``: a data row (1 = the first after the header) and what it holds."""
-    metric, layer = df["metric"].iloc[i], df["layer"].iloc[i]
+    """``row 3 (token_cosine layer 2)``: a data row (1 = the first after the header) and what it holds (``patches.csv``:
+    its kind of map)."""
+    metric, layer = df["metric" if "metric" in df.columns else "kind"].iloc[i], df["layer"].iloc[i]
     what = f"{metric} layer {layer}".strip() if metric or layer else ""
     return f"row {i + 1}" + (f" ({what})" if what else "")
 
@@ -211,6 +231,53 @@ def _check_values(path: Path, df: pd.DataFrame, out: pd.DataFrame) -> None:
     out["n_images"] = _check_column(path, df, "n_images", _whole(1), "a whole number >= 1 (images measured)")
 
 
+def read_patches(path: Path) -> pd.DataFrame:
+    """Read and validate a ``patches.csv`` (the per-patch maps of ``measure --maps``): typed columns.
+
+    Raises:
+        UserError: the file is unreadable, lacks a column, has no rows, or a cell breaks the schema (see the module
+            docstring); one line naming the file, the row, the column and what was expected.
+    """
+    return validate_patches(_read_cells(path), path)
+
+
+def validate_patches(cells: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Check a ``patches.csv`` read as text against the schema; return it typed."""
+    df = cells.copy()
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in PATCH_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{path} lacks the columns {', '.join(missing)}; is it a patches.csv from oversmooth? {FIX}")
+    if df.empty:
+        raise UserError(f"{path} has no rows; {FIX}")
+    df = df.fillna("").astype(str)
+    out = pd.DataFrame(index=df.index)
+    out["image"], out["kind"] = df["image"], df["kind"].str.strip()
+    for column in ("image_index", "layer", "row", "col"):
+        out[column] = _check_column(path, df, column, _whole(0), "a whole number >= 0").astype(int)
+    for column, bad, expected in (
+        ("image", out["image"].str.strip() == "", "the image's name"),
+        ("kind", ~out["kind"].isin(MAP_KINDS), f"a kind of map ({', '.join(MAP_KINDS)})"),
+    ):
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
+            raise _refuse(path, f"{column} in {_row_name(df, i)}", _cell(df[column].iloc[i]), expected)
+    for column in ("x0", "y0", "x1", "y1"):
+        out[column] = _check_column(path, df, column, lambda v, r: _finite(v, r) & (v >= 0), "a pixel coordinate >= 0")
+    for lo, hi in (("x0", "x1"), ("y0", "y1")):
+        empty = out[lo] >= out[hi]
+        if empty.any():
+            i = int(empty.to_numpy().nonzero()[0][0])
+            raise _refuse(path, f"the cell in {_row_name(df, i)}", f"{lo} {out[lo].iloc[i]:g}, {hi} "
+                          f"{out[hi].iloc[i]:g}", f"{lo} < {hi}")  # fmt: skip
+    out["value"] = _check_column(path, df, "value", _finite, "a finite number (the map's value)")
+    dup = out.duplicated(["image_index", "layer", "kind", "row", "col"], keep="first")
+    if dup.any():
+        raise UserError(f"{path}: {_row_name(df, int(dup.to_numpy().nonzero()[0][0]))} repeats a cell; expected one "
+                        f"row per (image_index, layer, kind, row, col); {FIX}")  # fmt: skip
+    return out[list(PATCH_COLUMNS)].reset_index(drop=True)
+
+
 def _check_unique(path: Path, df: pd.DataFrame, out: pd.DataFrame, key: list[str]) -> None:
     dup = out.duplicated(key, keep="first")
     if dup.any():
@@ -267,6 +334,8 @@ class _Summary:
         self.layer_info()
         if "definitions" in d:
             self.definitions(self.block(d, "definitions"))
+        if "patch_maps" in d:
+            self.patch_maps(self.block(d, "patch_maps"))
 
     @staticmethod
     def size_ok(v: Any) -> bool:
@@ -304,6 +373,36 @@ class _Summary:
         self.entry(d, "n_tokens", at, lambda v: isinstance(v, list) and all(x is None or _is_whole(x, 1) for x in v),
                    "a list with one whole number >= 1 (or null) per layer")  # fmt: skip
         self.images(self.block(d, "images", at))
+
+    def patch_maps(self, maps: Mapping[str, Any]) -> None:
+        """``patch_maps``: the per-patch maps' settings (see the module docstring)."""
+
+        def listed(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+            return lambda v: isinstance(v, list) and all(ok(x) for x in v)
+
+        wholes = (listed(lambda x: _is_whole(x, 0)), "a list of whole numbers >= 0")
+        texts = (listed(lambda x: isinstance(x, str)), "a list of strings")
+        checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+            "requested": (lambda v: _is_whole(v, 0), "a whole number >= 0"),
+            "rule": (lambda v: isinstance(v, str), "a string"),
+            "chosen": wholes,
+            "layers": wholes,
+            "attention": texts,
+            "files": texts,
+            "kinds": (listed(lambda x: x in MAP_KINDS), f"a list of map kinds ({', '.join(MAP_KINDS)})"),
+            "notes": (
+                lambda v: isinstance(v, Mapping) and all(isinstance(x, str) for x in v.values()),
+                "an object of strings",
+            ),
+            "images": (
+                listed(
+                    lambda x: isinstance(x, Mapping) and _is_whole(x.get("index"), 0) and isinstance(x.get("name"), str)
+                ),
+                "a list of objects, each with a whole index >= 0 and a string name",
+            ),
+        }
+        for key, (ok, expected) in checks.items():
+            self.entry(maps, key, "patch_maps.", ok, expected)
 
     def images(self, images: Mapping[str, Any]) -> None:
         at = "definitions.images."

@@ -86,6 +86,14 @@ class MeasureConfig:
         metavar="LIST",
     )
     include_prefix: bool = _option(False, "Token metrics also use the prefix tokens (class, distillation, registers).")
+    maps: int = _option(
+        4,
+        "Per-patch maps of K sample images (evenly spaced over the images) at about 5 layers, from the same forward "
+        "pass: each patch's mean cosine to the other patches, and the class token's (or average query's) attention. "
+        "Writes patches.csv, patches.npz and patches.png; 0: none.",
+        min=0,
+        metavar="K",
+    )
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,18 @@ from ..metrics.accumulate import OversmoothingAccumulator
 from ..metrics.registry import parse_metrics, split_metrics
 from ..reading.capture import OversmoothingCapture
 from ..reading.loading import LoadedModel, load_model
+from ..reading.patch_maps import choose_images, merge_records
 from ..reading.readers import UnsupportedModelError
 from .config import LoadOptions, MeasureConfig, validate_measure_config
-from .summary import BatchesResult, MeasureResult, _require_values, build_summary, describe_image_set, layer_table
+from .summary import (
+    BatchesResult,
+    MeasureResult,
+    _require_values,
+    build_summary,
+    collect_patch_maps,
+    describe_image_set,
+    layer_table,
+)
 
 __all__ = ["measure", "measure_batches"]
 
@@ -97,6 +106,7 @@ def measure_batches(
     on_batch: Callable[[int, list[tuple[int, str]]], None] | None = None,
     *,
     inference: bool = True,
+    samples: Mapping[int, int] | None = None,
 ) -> BatchesResult:
     """Reduce batches ``(images, indices, failures)`` to a filled accumulator (the core loop, no I/O).
 
@@ -111,6 +121,10 @@ def measure_batches(
         on_batch: ``on_batch(n_images_in_batch, failures)`` after each batch.
         inference: run under ``torch.inference_mode`` (default) or ``torch.no_grad`` (the monitor, between training
             steps: a tensor a module caches during the pass must stay usable by autograd afterwards).
+        samples: ``{batch index: image index}``: the images to draw per-patch maps of (``measure``'s
+            :func:`~oversmooth_cli.reading.patch_maps.choose_images`), in the batches that hold them, from the same
+            forward pass (:class:`~oversmooth_cli.reading.patch_maps.PatchMapper`); none without it or with
+            ``config.maps == 0`` (the capture then does no map work at all).
     """
     config = config or MeasureConfig()
     channels_last = config.channels_last
@@ -118,25 +132,42 @@ def measure_batches(
     acc = OversmoothingAccumulator()
     non_blocking = device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.preserve_format
+    wanted = dict(samples or {}) if config.maps else {}
     capture = OversmoothingCapture(
-        model, token_metrics, attention_metrics, config.attention_tap, include_prefix=config.include_prefix
+        model,
+        token_metrics,
+        attention_metrics,
+        config.attention_tap,
+        include_prefix=config.include_prefix,
+        patch_maps=bool(wanted),
     )
     if channels_last:
         model.to(memory_format=torch.channels_last)
     forward = _Forward(model, config.compile)
     try:
         with capture as cap, torch.inference_mode() if inference else torch.no_grad():
-            for images, _indices, failures in batches:
+            mapper = cap.patch_maps
+            for images, indices, failures in batches:
                 n = 0
                 if images is not None:
+                    rows = {row: wanted[i] for row, i in enumerate(indices) if i in wanted} if wanted else {}
+                    if rows and mapper is not None:
+                        mapper.begin(rows, images)
                     with runtime.autocast(device, config.amp):
                         forward(images.to(device, non_blocking=non_blocking, memory_format=memory_format))
                     acc.update(*cap.pop_batch())
+                    if rows and mapper is not None:
+                        mapper.end()
                     n = images.shape[0]
                 if on_batch is not None:
                     on_batch(n, failures)
             return BatchesResult(
-                acc, cap.layers, dict(cap.unavailable), cap.attention_tap, forward.compiled is not None
+                acc,
+                cap.layers,
+                dict(cap.unavailable),
+                cap.attention_tap,
+                forward.compiled is not None,
+                None if mapper is None else mapper.result(),
             )
     finally:
         if channels_last:
@@ -194,14 +225,16 @@ def measure(
         model: a timm model name, a checkpoint file, a folder with ``config.json``, or a :class:`LoadedModel`.
         images: folder (recursive), single image, text file of paths, or a list of paths.
         config: what to measure and how (:class:`~oversmooth_cli.measuring.config.MeasureConfig`: metrics, device,
-            batch size, workers, amp, the ``limit`` sample and its ``seed``, unreadable images, attention tap...).
+            batch size, workers, amp, the ``limit`` sample and its ``seed``, unreadable images, attention tap, and
+            ``maps``: the per-patch maps of that many sample images, :attr:`MeasureResult.maps`).
         load: how ``model`` is built when it is not a :class:`LoadedModel`
             (:class:`~oversmooth_cli.measuring.config.LoadOptions`).
         progress: ``progress(done, total)`` after each batch (on rank 0 only).
         command: the command line to record in the summary.
 
     Returns:
-        A :class:`MeasureResult`; :func:`write_run` writes it to a folder.
+        A :class:`MeasureResult` (its ``maps``: ``None`` with ``maps=0`` or when no map could be drawn; its summary's
+        ``patch_maps`` says which); :func:`write_run` writes it to a folder.
 
     Example:
         >>> measure("examples/digits-vit", "examples/images", MeasureConfig(device="cpu", metrics="all"))
@@ -217,21 +250,25 @@ def measure(
     paths = sample_paths(all_paths, limit, seed)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, **load.load_kwargs())
     net = loaded.model.to(dev).eval()
-    reader = _Reader(
-        shard_paths(paths, runtime.rank(), runtime.world_size()), len(paths), config.fail_on_unreadable, progress
-    )
+    rank, world = runtime.rank(), runtime.world_size()
+    reader = _Reader(shard_paths(paths, rank, world), len(paths), config.fail_on_unreadable, progress)
+    chosen = choose_images(len(paths), config.maps)
+    samples = {g // world: g for g in chosen if g % world == rank}  # this shard's batch indices of the chosen
     loader = build_loader(
         reader.paths, loaded.data_config, batch_size, workers, pin_memory=dev.type == "cuda", digests=True
     )
     start = time.perf_counter()
     try:
-        batches = measure_batches(net, reader.strip_digests(loader), dev, replace(config, metrics=metrics), reader)
+        batches = measure_batches(
+            net, reader.strip_digests(loader), dev, replace(config, metrics=metrics), reader, samples=samples
+        )
     except UnsupportedModelError as e:
         raise UserError(str(e)) from e
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     batches.accumulator.all_reduce()
     skipped = [s for part in runtime.all_gather_objects(reader.skipped) for s in part]
+    records = merge_records(runtime.all_gather_objects(batches.maps)) if config.maps else None
     seconds = time.perf_counter() - start
     _require_values(batches, skipped, len(paths))
     layer_df = layer_table(batches)
@@ -260,4 +297,5 @@ def measure(
     summary = build_summary(
         loaded, batches, layer_df, metrics, image_info, run_info, include_prefix, command, image_set=image_set
     )
-    return MeasureResult(layer_df, head_df, summary, batches.accumulator)
+    maps, summary["patch_maps"] = collect_patch_maps(records, paths, chosen, loaded.data_config, config.maps)
+    return MeasureResult(layer_df, head_df, summary, batches.accumulator, maps)

@@ -1,8 +1,9 @@
-"""What a measure run reports: the layer table, ``summary.json`` and the run folder.
+"""What a measure run reports: the layer table, ``summary.json``, the per-patch maps and the run folder.
 
 The files' schema, and what :func:`~oversmooth_cli.gate.runs.load_run` refuses, is in
 :mod:`oversmooth_cli.gate.schema` (and ``docs/run-files.md``); the image set is known by content
-(:func:`describe_image_set`).
+(:func:`describe_image_set`); the per-patch maps of the sample images (:class:`PatchMaps`, made by
+:mod:`oversmooth_cli.reading.patch_maps`) go to ``patches.csv``, ``patches.npz`` and ``patches.png``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import timm
 import torch
@@ -29,22 +31,57 @@ from ..metrics.registry import (
     describe_metric,
     metric_order,
 )
-from ..plots import plot_curves, plot_head_heatmap, save_figure
+from ..plots import plot_curves, plot_head_heatmap, plot_patch_maps, save_figure
 from ..reading.capture import LayerInfo
 from ..reading.loading import LoadedModel
+from ..reading.patch_maps import MAP_KINDS, PATCH_COLUMNS, PatchMapRecords, display_image
 from ..reading.registry import model_family
 
-__all__ = ["BatchesResult", "MeasureResult", "build_summary", "describe_image_set", "run_definitions", "write_run"]
+__all__ = [
+    "PATCH_FILES",
+    "BatchesResult",
+    "MeasureResult",
+    "PatchMaps",
+    "build_summary",
+    "collect_patch_maps",
+    "describe_image_set",
+    "run_definitions",
+    "write_patch_maps",
+    "write_run",
+]
+
+
+PATCH_FILES = ("patches.csv", "patches.npz", "patches.png")
+"""The files of the per-patch maps, written when a run has maps."""
+
+
+@dataclass
+class PatchMaps:
+    """The per-patch maps of a run's sample images: what ``patches.csv``, ``patches.npz`` and ``patches.png`` hold.
+
+    Attributes:
+        inputs: ``(K, H, W, 3)`` uint8: each sample image's model input, de-normalised for display with the data
+            config's mean and std, clipped.
+        names: the K images' names as the run records them (their paths as given to ``measure``).
+        indices: their positions in the run's ordered image list (``image_index`` in ``cells``), in the same order.
+        cells: one row per map cell, columns :data:`~oversmooth_cli.reading.patch_maps.PATCH_COLUMNS`.
+    """
+
+    inputs: np.ndarray = field(repr=False)
+    names: list[str]
+    indices: list[int]
+    cells: pd.DataFrame = field(repr=False)
 
 
 @dataclass
 class MeasureResult:
-    """Per-layer and per-head tables plus the run summary (what ``summary.json`` holds)."""
+    """Per-layer and per-head tables plus the run summary (what ``summary.json`` holds) and the per-patch maps."""
 
     layers: pd.DataFrame
     heads: pd.DataFrame
     summary: dict[str, Any]
     accumulator: OversmoothingAccumulator = field(repr=False)
+    maps: PatchMaps | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -57,6 +94,7 @@ class BatchesResult:
         unavailable: ``{metric: reason}`` for selected metrics the model cannot give.
         attention_tap: the tap ``auto`` resolved to.
         compiled: the ``torch.compile``'d forward was used to the end.
+        maps: the per-patch maps of this process's sample images (``None``: none were asked for).
     """
 
     accumulator: OversmoothingAccumulator
@@ -64,6 +102,7 @@ class BatchesResult:
     unavailable: dict[str, str]
     attention_tap: str
     compiled: bool
+    maps: PatchMapRecords | None = None
 
 
 def _require_values(batches: BatchesResult, skipped: list[dict[str, str]], n_selected: int) -> None:
@@ -212,8 +251,78 @@ def describe_image_set(digests: Sequence[str]) -> dict[str, Any]:
     }
 
 
+IMAGE_RULE = "K images evenly spaced over the run's ordered images: index round(i (N - 1) / (K - 1)), half up"
+"""How the sample images of the maps are chosen (:func:`~oversmooth_cli.reading.patch_maps.choose_images`)."""
+
+
+def _image_name(path: Path) -> str:
+    """A path as the run records it, with bytes that are not UTF-8 (names from list files in other encodings) shown
+    as replacement characters, so that every file can hold it."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def collect_patch_maps(
+    records: PatchMapRecords | None,
+    paths: Sequence[Path],
+    chosen: Sequence[int],
+    data_config: dict[str, Any],
+    requested: int,
+) -> tuple[PatchMaps | None, dict[str, Any]]:
+    """The run's :class:`PatchMaps` (``None`` when no map was made) and ``summary.json``'s ``patch_maps`` entry.
+
+    Args:
+        records: the maps of every process (:func:`~oversmooth_cli.reading.patch_maps.merge_records`).
+        paths: the run's ordered images.
+        chosen: the positions of the sample images in ``paths`` (an unreadable one has no maps).
+        data_config: the model's data config (``mean`` and ``std`` to de-normalise the inputs).
+        requested: ``--maps``.
+    """
+    settings: dict[str, Any] = {
+        "requested": requested,
+        "chosen": [int(i) for i in chosen],
+        "rule": IMAGE_RULE,
+        "layers": [],
+        "images": [],
+        "kinds": [],
+        "attention": [],
+        "notes": {},
+        "files": [],
+    }
+    if records is None:
+        return None, settings
+    indices = sorted(records.inputs)
+    names = {i: _image_name(paths[i]) for i in indices}
+    frames = [
+        pd.DataFrame(
+            {"image": names[m.image_index], "image_index": m.image_index, "layer": m.layer, "kind": m.kind, **m.cells()}
+        )
+        for m in records.maps
+    ]
+    settings.update(layers=list(records.layers), notes=dict(records.notes), attention=list(records.attention))
+    settings["images"] = [{"index": i, "name": names[i]} for i in indices]
+    if not frames:
+        return None, settings
+    cells = pd.concat(frames, ignore_index=True)[list(PATCH_COLUMNS)]
+    settings.update(kinds=[k for k in MAP_KINDS if k in set(cells["kind"])], files=list(PATCH_FILES))
+    mean, std = data_config.get("mean", (0.0, 0.0, 0.0)), data_config.get("std", (1.0, 1.0, 1.0))
+    inputs = np.stack([display_image(records.inputs[i], mean, std) for i in indices])
+    return PatchMaps(inputs, [names[i] for i in indices], indices, cells), settings
+
+
+def write_patch_maps(maps: PatchMaps, folder: Path, title: str | None = None) -> list[Path]:
+    """Write ``patches.csv`` (the cells), ``patches.npz`` (``inputs``: ``(K, H, W, 3)`` uint8, ``names``: K strings)
+    and ``patches.png`` (:func:`~oversmooth_cli.plots.plot_patch_maps`) into ``folder``."""
+    csv, npz, png = (folder / name for name in PATCH_FILES)
+    maps.cells.to_csv(csv, index=False)
+    with open(npz, "wb") as f:
+        np.savez(f, inputs=maps.inputs, names=np.array(maps.names, dtype=str))
+    save_figure(plot_patch_maps(maps.inputs, maps.names, maps.indices, maps.cells, title), png)
+    return [csv, npz, png]
+
+
 def write_run(result: MeasureResult, out: str | Path, overwrite: bool = False, per_head: bool = False) -> Path:
-    """Write ``layers.csv``, ``heads.csv``, ``summary.json`` and ``curves.png`` into ``out`` atomically.
+    """Write ``layers.csv``, ``heads.csv``, ``summary.json`` and ``curves.png`` into ``out`` atomically, and, when the
+    run has per-patch maps, ``patches.csv``, ``patches.npz`` and ``patches.png`` (:func:`write_patch_maps`).
 
     With ``per_head``, also ``heads_<metric>.png``: a heads x layers heatmap for each attention metric measured.
     """
@@ -226,4 +335,6 @@ def write_run(result: MeasureResult, out: str | Path, overwrite: bool = False, p
         save_figure(plot_curves(result.layers, title), stage / "curves.png")
         for metric in metric_order(result.heads["metric"].unique()) if per_head else ():
             save_figure(plot_head_heatmap(result.heads, metric, title), stage / f"heads_{metric}.png")
+        if result.maps is not None:
+            write_patch_maps(result.maps, stage, result.summary["model"]["name"])
     return out

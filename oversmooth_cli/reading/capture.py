@@ -36,6 +36,7 @@ from .geometry import (
     patch_positions,
     query_key_distances,
 )
+from .patch_maps import PatchMapper, choose_layers
 from .readers import UnsupportedModelError
 from .registry import BlockSpec, FamilyAdapter, resolve_adapter
 
@@ -194,17 +195,23 @@ class _LayerSink:
     def qk(self, q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> None:
         ctx = self.capture._attention_context(self.layer, self.spec, q, k.shape[-2])
         if ctx is not None:
+            if (maps := self.capture.patch_maps) is not None:
+                maps.on_qk(ctx, self.spec, q, k, scale, bias)
             self.capture._metrics.on_qk(ctx, q, k, scale, bias)
 
     def probs(self, p: torch.Tensor, distributions: torch.Tensor | None = None) -> None:
         ctx = self.capture._attention_context(self.layer, self.spec, p, p.shape[-1])
         if ctx is not None:
+            if (maps := self.capture.patch_maps) is not None:
+                maps.on_probs(ctx, self.spec, p, distributions)
             self.capture._metrics.on_probs(ctx, p, distributions)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None
     ) -> torch.Tensor | None:
         ctx = self.capture._attention_context(self.layer, self.spec, q, k.shape[-2])
+        if ctx is not None and (maps := self.capture.patch_maps) is not None:
+            maps.on_qk(ctx, self.spec, q, k, scale, bias)
         return None if ctx is None else self.capture._metrics.on_qk(ctx, q, k, scale, bias, v)
 
 
@@ -406,6 +413,8 @@ class OversmoothingCapture:
         max_elements: chunk budget for attention probabilities and ``n x n`` token matrices (elements per chunk).
         include_prefix: token metrics that allow it measure all tokens, prefix tokens (class, distillation,
             registers) included, instead of the patch tokens only.
+        patch_maps: hold a :class:`~oversmooth_cli.reading.patch_maps.PatchMapper` (:attr:`patch_maps`) that maps
+            the sample images its ``begin`` names, in the same forward pass; ``False``: no map work at all.
 
     Metrics that compare consecutive layers keep only the previous layer's tokens (or ``q``/``k``) of the running
     forward pass; :meth:`pop_batch` drops them. A metric the model cannot give (``cls_patch_cosine`` without a class
@@ -421,6 +430,7 @@ class OversmoothingCapture:
         adapter: FamilyAdapter | None = None,
         max_elements: int = 1 << 24,
         include_prefix: bool = False,
+        patch_maps: bool = False,
     ) -> None:
         self.model = model
         device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
@@ -448,6 +458,12 @@ class OversmoothingCapture:
         ]
         self._n_tokens: dict[int, int] = {}
         self._reader = TokenReader(model, self.adapter, first)
+        token_layers = [info.index for info in self._layer_base if info.has_tokens]
+        self.patch_maps = (
+            PatchMapper(self.adapter, self.geometry, choose_layers(token_layers), attends, max_elements)
+            if patch_maps
+            else None
+        )
         self._places = (
             AttentionPositions(model, self.adapter, lambda value, spec: self._reader.read(value, spec).shape[1])
             if any("distances" in m.needs for m in self.attention_metrics.values())
@@ -489,6 +505,8 @@ class OversmoothingCapture:
             for name in self.token_metrics:
                 self.unavailable.setdefault(name, f"layer {layer} ({spec.name}) has {n} patch token(s)")
             return
+        if self.patch_maps is not None:
+            self.patch_maps.on_tokens(layer, spec, value, tokens)
         self._metrics.on_tokens(LayerContext(layer, spec.prefix, self._cls_index(spec.prefix), self.geometry), tokens)
 
     def _attention_context(self, layer: int, spec: BlockSpec, x: torch.Tensor, keys: int) -> LayerContext | None:

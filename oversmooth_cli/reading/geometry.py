@@ -29,6 +29,7 @@ __all__ = [
     "WindowLayout",
     "area_pool",
     "area_weights",
+    "cell_boxes",
     "cell_centres",
     "grid_positions",
     "infer_grid",
@@ -184,6 +185,19 @@ def cell_centres(grid: tuple[int, int]) -> torch.Tensor:
     ys = torch.arange(grid[0], dtype=torch.float64) + 0.5
     xs = torch.arange(grid[1], dtype=torch.float64) + 0.5
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
+
+
+def cell_boxes(grid: tuple[int, int], image: tuple[int, int]) -> torch.Tensor:
+    """``(rows * cols, 4)`` float64 pixel boxes ``(x0, y0, x1, y1)`` of a ``(rows, cols)`` token grid covering an
+    ``image`` of ``(height, width)`` pixels, row-major as the tokens: cell ``(i, j)`` spans ``x`` from ``j * width /
+    cols`` to ``(j + 1) * width / cols`` and ``y`` likewise (the stage's stride is the input size over the grid, as
+    :class:`AttentionPositions` places tokens); the boxes tile the image."""
+    (rows, cols), (height, width) = grid, image
+    ys = torch.arange(rows + 1, dtype=torch.float64) * height / rows  # the last edge is exactly the height
+    xs = torch.arange(cols + 1, dtype=torch.float64) * width / cols
+    y0, x0 = torch.meshgrid(ys[:-1], xs[:-1], indexing="ij")
+    y1, x1 = torch.meshgrid(ys[1:], xs[1:], indexing="ij")
+    return torch.stack([x0, y0, x1, y1], dim=-1).reshape(-1, 4)
 
 
 def window_cells(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int] = (0, 0)) -> torch.Tensor:

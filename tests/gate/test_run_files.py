@@ -263,6 +263,9 @@ SUMMARY_ENTRIES = {
     "definitions.images.sha256": lambda v: False,
     "definitions.images.by": lambda v: False,
     "definitions.images.digests": lambda v: False,
+    "patch_maps": lambda v: isinstance(v, dict),
+    "patch_maps.requested": _whole(0),
+    "patch_maps.images": lambda v: False,  # no scalar, and no list of anything but {index, name} objects
 }
 
 
