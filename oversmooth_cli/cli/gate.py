@@ -84,7 +84,7 @@ def check_cmd(
     Example: `oversmooth check ci/baseline runs/new --sigma 2 --atol attention_std=0.001 --report report.md`
     """
     gate = check.gate(baseline, metric)
-    result, written = gate.run(current, check.report, check.junit, check.plot)
+    result, written = gate.run(current, check.report, check.junit, check.plot, check.html)
     finish_check(result, written, quiet)
 
 

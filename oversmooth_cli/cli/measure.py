@@ -112,7 +112,9 @@ def measure_cmd(
     """Measure layer-wise over-smoothing of a timm ViT on images.
 
     Writes into --out: **layers.csv** (token_cosine for layers 0..L, attention_std for layers 1..L: mean, std and
-    95% CI over images), **heads.csv** (attention_std per layer and head), **summary.json** and **curves.png**.
+    95% CI over images), **heads.csv** (attention_std per layer and head), **summary.json**, **curves.png**, the
+    per-patch maps of `--maps` sample images (**patches.csv**, **patches.npz**, **patches.png**) and **report.html**,
+    one self-contained page with all of it (opens offline).
     `--metrics all` adds rank collapse, effective rank, |cosine|, class-patch cosine, layer CKA, attention
     entropy, distance and cross-layer similarity; `--per-head` adds **heads_METRIC.png** heatmaps.
 
@@ -144,12 +146,13 @@ def measure_cmd(
     if gate is None:
         finish_measure(result, out, json_out, quiet)
         return
-    report, junit, plot = (
+    report, junit, plot, html = (
         check.report or out / "check.md",
         check.junit or out / "junit.xml",
         check.plot or out / "check.png",
+        check.html or out / "check.html",
     )
-    verdict, written = gate.run(out, report, junit, plot)
+    verdict, written = gate.run(out, report, junit, plot, html)
     result.summary["check"] = verdict.to_dict()
     finish_measure(result, out, json_out, quiet)
     finish_check(verdict, written, quiet or json_out)
@@ -178,4 +181,6 @@ def finish_measure(result: Any, out: Path, json_out: bool, quiet: bool) -> None:
             f"{escape(one_line(first['reason']))}); all are listed in summary.json",
             highlight=False,
         )
-    out_console.print(f"Wrote {escape(str(out))}/ (layers.csv, heads.csv, summary.json, curves.png)", highlight=False)
+    files = ["layers.csv", "heads.csv", "summary.json", "curves.png"]
+    files += ["patches.csv", "patches.npz", "patches.png"] if (out / "patches.csv").is_file() else []
+    out_console.print(f"Wrote {escape(str(out))}/ ({', '.join(files)}) and report.html", highlight=False)

@@ -117,12 +117,23 @@ PlotOpt = Annotated[
 ]
 
 
+HtmlOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--html",
+        help="Write a self-contained HTML page (verdict table, curves with the tolerance band, failing layers; "
+        "no network needed to open it).",
+    ),
+]
+
+
 BaselineOpt = Annotated[
     Path | None,
     typer.Option(
         "--baseline",
         help="After measuring, check the run against this baseline (run folder or layers.csv): exit 1 on a "
-        "regression. Writes check.md, junit.xml and check.png into --out unless --report/--junit/--plot say where.",
+        "regression. Writes check.md, junit.xml, check.png and check.html into --out unless --report/--junit/"
+        "--plot/--html say where.",
     ),
 ]
 
@@ -231,6 +242,7 @@ class GateOptions:
     report: ReportOpt = None
     junit: JunitOpt = None
     plot: PlotOpt = None
+    html: HtmlOpt = None
 
     def gate(self, baseline: Path, metrics: list[str] | None = None) -> Any:
         """The :class:`~oversmooth_cli.gate.check.CheckGate` these options describe (baseline loaded, layers parsed)."""

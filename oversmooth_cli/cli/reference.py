@@ -223,7 +223,10 @@ FINETUNE_OUTPUTS: dict[str, str] = {
         "`val_token_cosine` (last token layer), `cons_sim`, `seconds`; row `epoch 0` is the validation before the "
         "first step"
     ),
-    "before": "a full `measure` run folder of the validation images before the first step",
+    "before": (
+        "a full `measure` run folder of the validation images before the first step (with its patch maps and "
+        "`report.html`)"
+    ),
     "after": "the same after the last step",
     "compare.png": "before vs after curves",
     "training.png": "loss terms, val accuracy and last-layer token cosine per epoch (epoch 0: before training)",
@@ -232,6 +235,10 @@ FINETUNE_OUTPUTS: dict[str, str] = {
         "every epoch; a resumed run continues it"
     ),
     "monitor.png": "a layer × step heatmap of token cosine and attention std",
+    "report.html": (
+        "one self-contained page (opens offline): the options, training curves, monitor heatmap, before / after "
+        "curves and patch maps; with `--control` the side-by-side verdict and both arms"
+    ),
     "control": "with `--control`: the `--loss none` twin's complete run folder",
     "side_by_side.png": "with `--control`: before / control / treated curves and both arms' training curves",
     "side_by_side.csv": "with `--control`: val top-1 (Wilson 95% interval) and last-layer token cosine per arm",
@@ -249,6 +256,7 @@ SEEDS_OUTPUTS = {
     "pooled.json": "those rows, the mean differences over seeds with 95% intervals (Student's t over seeds), the "
     "seeds within noise, the verdict",
     "pooled.png": "every seed's token-cosine curves, and each seed's last-layer cosine and top-1 in both arms",
+    "report.html": "one self-contained page: the pooled verdict, the per-seed table and every seed's curves",
 }
 """What ``--control --seeds`` writes into ``OUT``; the names come from :mod:`oversmooth_cli.training.seeds`."""
 

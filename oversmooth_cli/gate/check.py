@@ -27,7 +27,7 @@ and ``measure --baseline`` all go through it. The command line is a thin wrapper
 
     from oversmooth_cli.gate.reports import Tolerance, check_runs, write_outputs
     result = check_runs("ci/baseline", "runs/new", Tolerance(metric_atol={"token_cosine": 0.02}))
-    write_outputs(result, report="report.md", junit="junit.xml", plot="diff.png")
+    write_outputs(result, report="report.md", junit="junit.xml", plot="diff.png", html="check.html")
     raise SystemExit(0 if result.passed else 1)
 """
 
@@ -298,6 +298,7 @@ class CheckGate:
         report: str | Path | None = None,
         junit: str | Path | None = None,
         plot: str | Path | None = None,
+        html: str | Path | None = None,
     ) -> tuple[CheckResult, list[Path]]:
         """Check ``current`` and write the requested files; returns the result and the paths written."""
         result = check_runs(
@@ -308,4 +309,4 @@ class CheckGate:
             self.layers,
             allow_other_images=self.allow_other_images,
         )
-        return result, write_outputs(result, report=report, junit=junit, plot=plot)
+        return result, write_outputs(result, report=report, junit=junit, plot=plot, html=html)

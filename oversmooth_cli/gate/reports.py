@@ -152,8 +152,13 @@ def write_outputs(
     report: str | Path | None = None,
     junit: str | Path | None = None,
     plot: str | Path | None = None,
+    html: str | Path | None = None,
 ) -> list[Path]:
-    """Write the requested Markdown report, JUnit XML and diff plot; return the paths written."""
+    """Write the requested Markdown report, JUnit XML, diff plot and self-contained HTML page
+    (:func:`~oversmooth_cli.pages.gate.check_page`); return the paths written."""
+    from ..pages.document import write_page
+    from ..pages.gate import check_page
+
     written = []
     if report is not None:
         written.append(write_markdown(result, report))
@@ -161,4 +166,6 @@ def write_outputs(
         written.append(write_junit(result, junit))
     if plot is not None:
         written.append(save_figure(plot_check(result), Path(plot)))
+    if html is not None:
+        written.append(write_page(check_page(result), html))
     return written

@@ -31,6 +31,8 @@ from ..metrics.registry import (
     describe_metric,
     metric_order,
 )
+from ..pages.document import write_page
+from ..pages.measure import measure_page
 from ..plots import plot_curves, plot_head_heatmap, plot_patch_maps, save_figure
 from ..reading.capture import LayerInfo
 from ..reading.loading import LoadedModel
@@ -322,7 +324,8 @@ def write_patch_maps(maps: PatchMaps, folder: Path, title: str | None = None) ->
 
 def write_run(result: MeasureResult, out: str | Path, overwrite: bool = False, per_head: bool = False) -> Path:
     """Write ``layers.csv``, ``heads.csv``, ``summary.json`` and ``curves.png`` into ``out`` atomically, and, when the
-    run has per-patch maps, ``patches.csv``, ``patches.npz`` and ``patches.png`` (:func:`write_patch_maps`).
+    run has per-patch maps, ``patches.csv``, ``patches.npz`` and ``patches.png`` (:func:`write_patch_maps`); last,
+    ``report.html``, the self-contained page built from those files (:func:`measure_page`).
 
     With ``per_head``, also ``heads_<metric>.png``: a heads x layers heatmap for each attention metric measured.
     """
@@ -337,4 +340,5 @@ def write_run(result: MeasureResult, out: str | Path, overwrite: bool = False, p
             save_figure(plot_head_heatmap(result.heads, metric, title), stage / f"heads_{metric}.png")
         if result.maps is not None:
             write_patch_maps(result.maps, stage, result.summary["model"]["name"])
+        write_page(measure_page(stage, folder_label=str(out)), stage / "report.html")
     return out

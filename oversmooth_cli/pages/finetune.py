@@ -17,7 +17,7 @@ import pandas as pd
 from ..gate.runs import Run, load_run
 from ..metrics.registry import metric_order
 from .control import control_body
-from .document import KeyNumber, Section, details, document, table
+from .document import KeyNumber, Section, details, document, table, write_page
 from .history import (
     ARM_COLORS,
     has_values,
@@ -150,3 +150,8 @@ def finetune_page(run: str | Path, title: str | None = None) -> str:
         subtitle=str(folder),
         numbers=numbers,
     )
+
+
+def write_finetune_page(run: str | Path) -> Path:
+    """Write ``report.html`` (:func:`finetune_page`) into the finetune run folder ``run``, atomically."""
+    return write_page(finetune_page(run), Path(run) / "report.html")

@@ -35,6 +35,7 @@ from ..errors import UserError
 from ..io import atomic_write, read_layers, write_json
 from ..metrics.intervals import INTERVAL, mean_interval
 from ..metrics.registry import metric_range
+from ..pages.finetune import write_finetune_page
 from ..plots import plot_side_by_side, save_figure
 from ..reading.loading import load_model, load_state_dict_file
 from .config import FinetuneConfig
@@ -265,4 +266,5 @@ def finetune_with_control(run: Callable[..., Any], arguments: dict[str, Any]) ->
         return treated
     if runtime.is_main():
         treated.comparison = side_by_side(out, arguments)
+        write_finetune_page(out)  # again, now with the side-by-side
     return treated

@@ -39,6 +39,7 @@ from ..measuring.config import LoadOptions, MeasureConfig
 from ..measuring.monitor import OversmoothingMonitor
 from ..measuring.run import measure
 from ..measuring.summary import write_run
+from ..pages.finetune import write_finetune_page
 from ..plots import plot_compare, plot_monitor_heatmap, plot_training, save_figure
 from ..reading.loading import LoadedModel, load_model, model_config
 from ..reading.readers import UnsupportedModelError
@@ -75,6 +76,7 @@ OUTPUT_NAMES = (
     "training.png",
     "monitor.csv",
     "monitor.png",
+    "report.html",
 )
 """Everything a run writes into its folder (``--overwrite`` removes these, :data:`CONTROL_OUTPUT_NAMES` and
 :data:`TENSORBOARD_OUTPUT_NAMES`, only)."""
@@ -479,4 +481,6 @@ def finetune(
         return result
     result.after_layers = _measure_into(run_measure, out / "after")
     _write_compare(out, f"{loaded.name} · {len(val_paths)} val images · losses: {losses}")
+    if runtime.is_main():
+        write_finetune_page(out)
     return result

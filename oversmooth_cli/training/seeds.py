@@ -32,6 +32,7 @@ from ..errors import UserError
 from ..io import atomic_write, check_out_dir, read_layers, write_json
 from ..measuring.config import LoadOptions
 from ..metrics.intervals import mean_interval
+from ..pages.finetune import write_finetune_page
 from ..plots import plot_seeds, save_figure
 from .config import FinetuneConfig, validate_config
 from .control import ALPHA, CONTROL_DIR, cosine_clause
@@ -52,7 +53,7 @@ __all__ = [
 SEEDS_FILE = "seeds.json"
 """The seeds run's record in ``OUT``: what ``--resume OUT`` continues."""
 
-SEEDS_OUTPUT_NAMES = (SEEDS_FILE, "pooled.csv", "pooled.json", "pooled.png")
+SEEDS_OUTPUT_NAMES = (SEEDS_FILE, "pooled.csv", "pooled.json", "pooled.png", "report.html")
 """What a seeds run writes into ``OUT`` besides its ``seed-<k>/`` folders."""
 
 POOLED_COLUMNS = [
@@ -297,4 +298,5 @@ def finetune_seeds(
             return result
     if runtime.is_main():
         result.table, result.pooled, result.verdict = _write_pooled(out, seeds)
+        write_finetune_page(out)
     return result
