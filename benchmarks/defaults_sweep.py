@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -202,14 +203,16 @@ def readme_summary(path: Path = RESULTS) -> str:
             return "the losses raised it in every seed"
         return f"the losses lowered it in {int((g['cosine_diff'] < 0).sum())} of {len(g)} seeds"
 
-    return (
+    return textwrap.fill(
         "At the defaults, `--control --hflip 0 --epochs 5` on the bundled example gives last-layer token cosine "
         f"differences (with the losses minus the `--loss none` twin) of {diffs(now, 'cosine_diff', 3)} in seeds "
         f"{', '.join(str(s) for s in now['seed'])}: {effect(now)}; val top-1 differences of "
         f"{diffs(now, 'top1_diff', 1)} points, within noise (McNemar p >= 0.05) in {quiet} of {len(now)} seeds. At "
         f"the former defaults (`{FORMER_TEXT}`) they were {diffs(before, 'cosine_diff', 3)}: {effect(before)}. "
         f"Commit {now['commit'].iloc[0]}, `benchmarks/results/defaults_sweep.csv`; the sweep is on "
-        "[experiments](docs/experiments.md#finetune-defaults)."
+        "[experiments](docs/experiments.md#finetune-defaults).",
+        width=120,
+        break_on_hyphens=False,
     )
 
 

@@ -40,6 +40,8 @@ def benchmark_table(name: str) -> str:
     finally:
         sys.path.remove(str(path.parent))
     results = REPO / "benchmarks" / "results" / csv
+    if not results.is_file():  # a study that has not written its first row yet
+        return f"*No results yet: `benchmarks/results/{csv}` is not there; the command above writes it.*"
     if function == "report":
         return module.report(results, latest=not name.endswith("-history"))
     return getattr(module, function)(results)

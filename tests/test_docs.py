@@ -160,6 +160,16 @@ def test_the_hook_replaces_every_placeholder_and_fails_on_an_unknown_one():
         hooks.expand("<!-- generated: nope -->")
 
 
+def test_the_readme_defaults_paragraph_is_the_sweep_csv_read_by_its_generator():
+    """README "Defaults" is what ``python benchmarks/defaults_sweep.py --readme`` writes from the committed CSV."""
+    spec = importlib.util.spec_from_file_location("defaults_sweep", REPO / "benchmarks" / "defaults_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    text = README.read_text()
+    block = text[text.index(sweep.README_START) + len(sweep.README_START) : text.index(sweep.README_END)]
+    assert block.strip() == sweep.readme_summary().strip(), "run: python benchmarks/defaults_sweep.py --readme"
+
+
 # -- the site --------------------------------------------------------------------------------------------------------
 def test_the_site_builds_strict_and_offline(tmp_path):
     pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install -e '.[docs]'")

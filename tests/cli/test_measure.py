@@ -24,7 +24,9 @@ def test_measure_writes_every_output(tiny_folder, few_images, tmp_path):
     out = tmp_path / "run"
     res = invoke("measure", tiny_folder, few_images, "--out", out, "--device", "cpu", "-b", "2")
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "heads.csv", "layers.csv", "summary.json"]
+    written = sorted(p.name for p in out.iterdir())
+    tables = ["layers.csv", "heads.csv", "summary.json", "curves.png"]
+    assert written == sorted([*tables, "patches.csv", "patches.npz", "patches.png", "report.html"])
     layers = pd.read_csv(out / "layers.csv")
     assert list(layers.columns) == LAYER_COLUMNS
     depth = TINY_ARGS["depth"]
@@ -47,6 +49,8 @@ def test_measure_writes_every_output(tiny_folder, few_images, tmp_path):
     assert summary["layers"]["token_cosine"] == pytest.approx(cos["mean"].tolist())
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "token_cosine" in res.stdout and "Wrote" in res.stdout
+    assert "patches.png" in res.stdout and "report.html" in res.stdout
+    assert (out / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
 def test_cli_equals_library_and_float64_reference(tiny_folder, few_images, tmp_path):

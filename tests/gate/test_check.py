@@ -415,6 +415,8 @@ def test_junit_markdown_and_plot_name_failing_layers(runs, tmp_path):
         out / "junit.xml",
         "--plot",
         out / "diff.png",
+        "--html",
+        out / "check.html",
     )
     assert r.exit_code == EXIT_FAILED_CHECK, r.output
 
@@ -443,6 +445,11 @@ def test_junit_markdown_and_plot_name_failing_layers(runs, tmp_path):
 
     png = (out / "diff.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    page = (out / "check.html").read_text(encoding="utf-8")  # opened in Chromium by tests/pages/test_browser.py
+    failing_rows = set(re.findall(r'<tr class="fail" data-metric="(\w+)" data-layer="(\d+)"', page))
+    assert {(m, int(layer)) for m, layer in failing_rows} == WORSE | BETTER
+    assert "FAILED" in page and "http://" not in page and "https://" not in page
 
 
 def test_report_of_a_pass(runs, tmp_path):
