@@ -27,7 +27,8 @@ from ._helpers import PHOTOS, invoke
 
 pytestmark = pytest.mark.distributed
 
-RUN_FILES = {"layers.csv", "heads.csv", "summary.json", "curves.png"}
+RUN_FILES = {"layers.csv", "heads.csv", "summary.json", "curves.png", "patches.csv", "patches.npz", "patches.png"}
+RUN_FILES |= {"report.html"}
 KEYS = ["metric", "layer"]
 
 
@@ -71,6 +72,13 @@ def assert_two_rank_run_equals_one_process(summary, out, tmp_path, folders, imag
     assert_same_tables(pd.read_csv(out / "layers.csv"), single.layers, KEYS)
     assert_same_tables(pd.read_csv(out / "heads.csv"), single.heads, [*KEYS, "head"])
     assert (pd.read_csv(out / "layers.csv")["n_images"] == 7).all()
+    # the patch maps: the same sample images (chosen over the run's ordered images, not a rank's shard), same cells
+    cells = ["image", "image_index", "layer", "kind", "row", "col"]
+    got, want = (
+        t.sort_values(cells).reset_index(drop=True) for t in (pd.read_csv(out / "patches.csv"), single.maps.cells)
+    )
+    pd.testing.assert_frame_equal(got[cells], want[cells], check_dtype=False)
+    assert got["value"].to_numpy() == pytest.approx(want["value"].to_numpy(), rel=1e-5, abs=1e-6)
     return single
 
 
