@@ -29,6 +29,7 @@ def commit() -> str:
 
 
 def main() -> int:
+    ran_on = commit()  # before the figures are replaced
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "demo"
         cmd = [sys.executable, "-m", "oversmooth_cli", "measure", "examples/digits-vit", "examples/images"]
@@ -38,7 +39,7 @@ def main() -> int:
             print(f"wrote {dest.relative_to(REPO)}")
     readme = REPO / "README.md"
     text = readme.read_text()
-    line = f"<sub>Drawn by `python scripts/readme_figures.py` on commit {commit()}.</sub>"
+    line = f"<sub>Drawn by `python scripts/readme_figures.py` on commit {ran_on}.</sub>"
     if not CAPTION.search(text):
         print("README.md has no caption line to update", file=sys.stderr)
         return 1
