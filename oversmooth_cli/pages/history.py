@@ -5,7 +5,6 @@ layer x step heatmaps); those files are read leniently (an absent or damaged fil
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pandas as pd
 
 from ..metrics.registry import metric_label, metric_order
 from .document import details, grid, key_values, table
-from .measure import interval_text
+from .measure import interval_text, keyed_grid
 from .svg import PALETTE, ColorScale, Html, Series, esc, heatmap, line_chart, number
 
 __all__ = [
@@ -115,21 +114,16 @@ def monitor_heatmaps(monitor: pd.DataFrame) -> Html:
         d = monitor[monitor["metric"] == metric]
         steps = sorted(int(s) for s in d["step"].unique())
         layers = sorted((int(x) for x in d["layer"].unique()), reverse=True)
-        cells = {(int(r["layer"]), int(r["step"])): r for _, r in d.iterrows()}
-        values, tips = [], []
-        for layer in layers:
-            row_values, row_tips = [], []
-            for step in steps:
-                r = cells.get((layer, step))
-                row_values.append(math.nan if r is None else float(r["mean"]))
-                row_tips.append(
-                    f"step {step}, layer {layer}: no value"
-                    if r is None
-                    else f"step {step}, layer {layer}\nmean {number(r['mean'])}\n"
-                    f"{interval_text(r['ci95_low'], r['ci95_high'])}\n{number(r['n_images'])} probe images"
-                )
-            values.append(row_values)
-            tips.append(row_tips)
+
+        def tip(layer: int, step: int, r: Any) -> str:
+            if r is None:
+                return f"step {step}, layer {layer}: no value"
+            return (
+                f"step {step}, layer {layer}\nmean {number(r['mean'])}\n"
+                f"{interval_text(r['ci95_low'], r['ci95_high'])}\n{number(r['n_images'])} probe images"
+            )
+
+        values, tips = keyed_grid(d, ("layer", layers), ("step", steps), tip)
         label = metric_label(metric)
         figure = heatmap(
             values,

@@ -9,7 +9,7 @@ Everything is read back from the run folder (``layers.csv``, ``heads.csv``, ``su
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..gate.runs import Run, load_run
 from ..metrics.registry import ALL_METRICS, metric_label, metric_order, metric_range
+from ..plots import stage_boundaries
 from .document import KeyNumber, Section, details, document, grid, key_values, note, table
 from .patches import patch_maps_html, read_patch_maps
 from .svg import PALETTE, ColorScale, Html, Series, esc, heatmap, line_chart, number
@@ -26,12 +27,12 @@ __all__ = [
     "head_heatmaps",
     "interval_text",
     "key_numbers",
+    "keyed_grid",
     "layer_charts",
     "layer_tip",
     "layers_table",
     "measure_page",
     "measure_sections",
-    "stage_boundaries",
 ]
 
 
@@ -54,13 +55,23 @@ def interval_text(low: object, high: object) -> str:
     return f"95% CI {number(low)} to {number(high)}"
 
 
-def stage_boundaries(layers: pd.DataFrame) -> list[float]:
-    """x positions (half-way between two layers) where a new stage starts; empty for a single-stage model."""
-    if "stage" not in layers.columns:
-        return []
-    stages = layers[["layer", "stage"]].drop_duplicates().sort_values("layer")
-    change = stages["stage"].ne(stages["stage"].shift()) & stages["stage"].shift().notna()
-    return [float(layer) - 0.5 for layer in stages.loc[change, "layer"]]
+def keyed_grid(
+    table: pd.DataFrame,
+    rows: tuple[str, Sequence[int]],
+    cols: tuple[str, Sequence[int]],
+    tip: Callable[[int, int, Any], str],
+) -> tuple[list[list[float]], list[list[str]]]:
+    """The ``mean`` of ``table`` as a heatmap's values, one row per value of column ``rows[0]`` (in the order
+    ``rows[1]``) and one column per value of ``cols[0]``, nan where a cell has no row; and each cell's hover text,
+    ``tip(row, col, the table's row or None)``."""
+    (row_key, row_values), (col_key, col_values) = rows, cols
+    cells = {(int(r[row_key]), int(r[col_key])): r for _, r in table.iterrows()}
+    found = [[cells.get((a, b)) for b in col_values] for a in row_values]
+    values = [[math.nan if r is None else float(r["mean"]) for r in line] for line in found]
+    tips = [
+        [tip(a, b, r) for b, r in zip(col_values, line, strict=True)] for a, line in zip(row_values, found, strict=True)
+    ]
+    return values, tips
 
 
 def _direction(metric: str) -> str:
@@ -158,22 +169,17 @@ def head_heatmaps(heads: pd.DataFrame | None) -> Html:
         d = heads[heads["metric"] == metric]
         layers = sorted(int(x) for x in d["layer"].unique())
         head_ids = sorted(int(x) for x in d["head"].unique())
-        cells = {(int(r["head"]), int(r["layer"])): r for _, r in d.iterrows()}
-        values, tips = [], []
-        for h in head_ids:
-            row_values, row_tips = [], []
-            for layer in layers:
-                r = cells.get((h, layer))
-                row_values.append(math.nan if r is None else float(r["mean"]))
-                row_tips.append(
-                    f"layer {layer}, head {h}: no value"
-                    if r is None
-                    else f"layer {layer}, head {h}\nmean {number(r['mean'])}\n"
-                    f"{interval_text(r['ci95_low'], r['ci95_high'])}\nstd {number(r['std'])}, "
-                    f"{number(r['n_images'])} images"
-                )
-            values.append(row_values)
-            tips.append(row_tips)
+
+        def tip(h: int, layer: int, r: Any) -> str:
+            if r is None:
+                return f"layer {layer}, head {h}: no value"
+            return (
+                f"layer {layer}, head {h}\nmean {number(r['mean'])}\n"
+                f"{interval_text(r['ci95_low'], r['ci95_high'])}\nstd {number(r['std'])}, "
+                f"{number(r['n_images'])} images"
+            )
+
+        values, tips = keyed_grid(d, ("head", head_ids), ("layer", layers), tip)
         label = metric_label(metric)
         figure = heatmap(
             values,

@@ -33,10 +33,7 @@ from .._helpers import (
     DIGITS_VAL,
     REPO,
     TINY_ARCH,
-    TINY_ARGS_DEPTH2,
-    digit_folders,
     invoke,
-    tiny_cli_args,
     torch_threads,
 )
 from .browser import Browser, PageVisit, find_chromium, read_screenshot
@@ -262,27 +259,13 @@ def test_check_html_report_shows_the_verdict_offline(browser, measure_run, tmp_p
 
 
 # -- finetune --control -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def finetune_run(tmp_path_factory) -> Path:
-    """A 1-epoch run of the 2-block tiny ViT on 40 real digits with every loss term and its --control twin."""
-    root = tmp_path_factory.mktemp("finetune")
-    train, val = digit_folders(root / "digits")
-    out = root / "run"
-    with torch_threads(1):
-        res = invoke(
-            "finetune", TINY_ARCH, train, "--val-dir", val, "--out", out, "--loss", "cos,cons,token", "--control",
-            "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--lr", "2e-3", "--cutmix-prob", "1",
-            *tiny_cli_args(TINY_ARGS_DEPTH2), "-q",
-        )  # fmt: skip
-    assert res.exit_code == 0, res.output
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.cli
 @pytest.mark.finetune
-def test_finetune_report_opens_offline_with_the_side_by_side(browser, finetune_run, tmp_path):
-    out = finetune_run
+def test_finetune_report_opens_offline_with_the_side_by_side(browser, seeds_run, tmp_path):
+    """The pages ``finetune --control --seeds 0,1`` wrote (conftest's run, through the CLI): seed 0's ``--control``
+    folder (a separate ``--control`` run bit for bit), its twin's, and the pooled page over the seeds."""
+    out = seeds_run / "seed-0"
     assert (out / "report.html").is_file(), f"finetune wrote no report.html: {sorted(p.name for p in out.iterdir())}"
     visit = browser.visit(out / "report.html", tmp_path / "finetune-report.png")
     assert_clean(visit, min_figures=3)  # training curves, monitor heatmap, side-by-side
@@ -292,6 +275,10 @@ def test_finetune_report_opens_offline_with_the_side_by_side(browser, finetune_r
     assert re.search("control", visit.text, re.IGNORECASE) and "McNemar" in visit.text, visit.describe()
     for arm in ("treated", "control"):
         assert shown(visit.text, arms[arm]["token_cosine"]), f"{arm} token cosine not shown\n{visit.describe()}"
-    twin = out / "control" / "report.html"
-    if twin.is_file():  # the control arm is a run folder too: its page, if written, holds to the same contract
-        assert_clean(browser.visit(twin, tmp_path / "finetune-control-report.png"), min_figures=1)
+    twin = out / "control" / "report.html"  # the control arm is a run folder too, with its own page
+    assert_clean(browser.visit(twin, tmp_path / "finetune-control-report.png"), min_figures=1)
+    pooled = browser.visit(seeds_run / "report.html", tmp_path / "finetune-seeds-report.png")
+    assert_clean(pooled, min_figures=1)
+    verdict = json.loads((seeds_run / "pooled.json").read_text())["verdict"]
+    assert "seed" in pooled.text and TINY_ARCH in pooled.text, pooled.describe()
+    assert verdict.split(":")[0] in pooled.text, f"the pooled verdict is not on the page\n{pooled.describe()}"
